@@ -1,0 +1,199 @@
+"""Typed configuration of a pretraining run.
+
+Each component owns one dataclass here; a run is the tree under `RunConfig`.
+Values are plain Python types so that YAML files, dotted command-line
+overrides and the resolved config written beside every run round-trip
+exactly. Cross-field rules (crop counts vs crops_for_assign, head input vs
+trunk width, ...) live in `harness.config.validate`, not here, so that this
+module stays a readable list of knobs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+
+@dataclass
+class RegNetSpec:
+    """The five numbers of the RegNet design space (Radosavovic et al. 2020) plus SE.
+
+    Widths are quantized with the pycls/ClassyVision rule that SEER used,
+    not torchvision's `_make_divisible` (see REFERENCE.md section 2).
+    """
+
+    depth: int
+    w0: int
+    wa: float
+    wm: float
+    group_width: int
+    se_ratio: Optional[float] = 0.25  # None: plain RegNetX-style block
+    bottleneck_multiplier: float = 1.0
+    stem_width: int = 32
+
+
+@dataclass
+class ModelConfig:
+    """The trunk. `arch` names a zoo preset (`harness models` lists them);
+    `arch: regnet` builds a custom RegNet from `regnet`."""
+
+    arch: str = "regnety_800mf"
+    regnet: Optional[RegNetSpec] = None
+
+
+@dataclass
+class CropConfig:
+    """One resolution group of multi-crop views."""
+
+    size: int = 224
+    count: int = 2
+    scale: list[float] = field(default_factory=lambda: [0.14, 1.0])
+
+
+@dataclass
+class AugmentConfig:
+    """SwAV/SimCLR colour and blur augmentations (Caron et al. 2020)."""
+
+    flip_p: float = 0.5
+    jitter_strength: float = 1.0
+    jitter_p: float = 0.8
+    grayscale_p: float = 0.2
+    blur_p: float = 0.5
+    blur_sigma: list[float] = field(default_factory=lambda: [0.1, 2.0])
+    normalize_mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    normalize_std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+
+
+@dataclass
+class DataConfig:
+    """Where images come from and how they become crops.
+
+    `path: null` trains on the built-in photographs (no download needed).
+    `batch_size` is images per rank per micro-step; the global batch is
+    batch_size x world size x train.grad_accum.
+    """
+
+    path: Optional[str] = None
+    extensions: list[str] = field(
+        default_factory=lambda: [".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"]
+    )
+    batch_size: int = 16
+    num_workers: int = 2
+    crops: list[CropConfig] = field(
+        default_factory=lambda: [
+            CropConfig(size=224, count=2, scale=[0.14, 1.0]),
+            CropConfig(size=96, count=4, scale=[0.05, 0.14]),
+        ]
+    )
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+@dataclass
+class SwAVConfig:
+    """SwAV head, prototypes, Sinkhorn and loss (Caron et al. 2020; SEER 3.3)."""
+
+    head_dims: list[int] = field(default_factory=lambda: [784, 2048, 2048, 128])
+    head_batchnorm: bool = False  # SEER: no BN in the head; VISSL's SwAV base has it
+    num_prototypes: list[int] = field(default_factory=lambda: [3000])
+    temperature: float = 0.1
+    epsilon: float = 0.05
+    sinkhorn_iterations: int = 3
+    sinkhorn_fp64: bool = False  # fp64 without max-subtraction instead of fp32 with it
+    crops_for_assign: list[int] = field(default_factory=lambda: [0, 1])
+    freeze_prototypes_iters: int = 313
+    queue_length: int = 0  # per rank; 0 disables the queue
+    queue_start_iter: int = 0
+
+
+@dataclass
+class LarsConfig:
+    """Layer-wise adaptive rate scaling (You et al. 2017), as VISSL's LARC."""
+
+    enabled: bool = True
+    trust_coefficient: float = 0.001
+    eps: float = 1e-8
+    clip: bool = False
+    exclude_bn_bias: bool = False  # VISSL adapted every parameter (vissl PR 230)
+
+
+@dataclass
+class OptimConfig:
+    """SGD with momentum, optionally wrapped by LARS."""
+
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 1e-6
+    lars: LarsConfig = field(default_factory=LarsConfig)
+
+
+@dataclass
+class ScheduleConfig:
+    """Learning rate per optimizer step.
+
+    `cosine`: linear warmup start_lr -> peak, then cosine to final_lr_ratio x peak.
+    `plateau`: fixed peak LR, halved when the loss stops decreasing (SEER 3.3).
+    `constant`: peak LR throughout.
+    The peak is base_lr x global_batch / base_batch when scale_with_batch.
+    """
+
+    name: str = "cosine"
+    base_lr: float = 0.3
+    base_batch: int = 256
+    scale_with_batch: bool = True
+    start_lr: float = 0.3
+    warmup_iters: int = 0
+    final_lr_ratio: float = 0.001
+    plateau_factor: float = 0.5
+    plateau_patience: int = 1000  # optimizer steps without improvement
+    plateau_threshold: float = 1e-3  # relative improvement that counts
+    plateau_window: int = 100  # steps averaged into one loss reading
+
+
+@dataclass
+class ParallelConfig:
+    """How the model is spread over processes and which numerics it runs in.
+
+    The sharding backends beyond one process arrive with issue 3; the fields
+    that SEER's presets fix (precision, SyncBN group, checkpointing) live here
+    already so that presets state the paper's full recipe.
+    """
+
+    backend: str = "none"  # none | ddp | fsdp2 | deepspeed | fairscale
+    precision: str = "fp32"  # fp32 | fp16 | bf16
+    syncbn_group_size: int = 0  # 0: global, -1: one node, N: groups of N ranks
+    activation_checkpointing: bool = False
+    stage_checkpoints: Optional[list[list[int]]] = None  # VISSL-style split points per stage
+    wrap_min_params: int = 100_000_000  # fairscale auto-wrap threshold (SEER-10B)
+
+
+@dataclass
+class TrainConfig:
+    """Length of the run, seeding, logging and where results go."""
+
+    iterations: int = 100
+    grad_accum: int = 1
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    log_every: int = 1
+    checkpoint_every: int = 0  # 0: only the final checkpoint
+    output_dir: str = "runs"
+    run_name: Optional[str] = None
+    tensorboard: bool = True
+
+
+@dataclass
+class RunConfig:
+    """A whole pretraining run. `world_size` is what the preset was designed
+    for (SEER: 512); it only documents the recipe and feeds the planner, the
+    launcher decides the real one."""
+
+    name: str = "custom"
+    description: str = ""
+    world_size: int = 1
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    swav: SwAVConfig = field(default_factory=SwAVConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)

@@ -1,0 +1,29 @@
+"""Images -> multi-crop batches: folder scanning, built-in photos, augmentation, loading."""
+
+from harness.data.builtin import BUILTIN_PHOTOS, builtin_image_paths
+from harness.data.images import ImageDataset, find_images, load_image, to_rgb
+from harness.data.loader import (
+    RepeatedDataset,
+    build_dataloader,
+    collate_crops,
+    count_images,
+    set_epoch,
+)
+from harness.data.multicrop import MultiCrop, validate_augment, validate_crops
+
+__all__ = [
+    "BUILTIN_PHOTOS",
+    "ImageDataset",
+    "MultiCrop",
+    "RepeatedDataset",
+    "build_dataloader",
+    "builtin_image_paths",
+    "collate_crops",
+    "count_images",
+    "find_images",
+    "load_image",
+    "set_epoch",
+    "to_rgb",
+    "validate_augment",
+    "validate_crops",
+]

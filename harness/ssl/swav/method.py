@@ -1,0 +1,115 @@
+"""The SwAV method: trunk + projection head + prototypes + swapped prediction.
+
+The training loop only sees ``training_step``, ``cancel_prototype_gradients``
+and ``normalize_prototypes`` (as DINOv2 separates its method from its loop),
+so another SSL method can be plugged in with the same surface.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from harness.config.schema import SwAVConfig
+from harness.ssl.swav.head import ProjectionHead, Prototypes
+from harness.ssl.swav.loss import SwAVLoss
+
+
+class SwAVOutput(NamedTuple):
+    """A tuple, so DDP and other wrappers find the tensors in it."""
+
+    embeddings: Tensor  # [n_crops*B, head_dims[-1]], L2-normalised, crop-major
+    scores: list[Tensor]  # per prototype head: [n_crops*B, K_h], fp32
+
+
+def resolution_groups(crops: list[Tensor]) -> list[tuple[int, int]]:
+    """[start, end) index ranges of consecutive crops with the same spatial size."""
+    groups: list[tuple[int, int]] = []
+    start = 0
+    for i in range(1, len(crops) + 1):
+        if i == len(crops) or crops[i].shape[-2:] != crops[start].shape[-2:]:
+            groups.append((start, i))
+            start = i
+    return groups
+
+
+class SwAV(nn.Module):
+    """Multi-crop SwAV around any trunk mapping images [N,3,H,W] to [N, D]."""
+
+    def __init__(
+        self,
+        trunk: nn.Module,
+        cfg: SwAVConfig,
+        num_crops: int,
+        *,
+        group: Optional[dist.ProcessGroup] = None,
+    ) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.num_crops = int(num_crops)
+        self.trunk = trunk
+        self.head = ProjectionHead(cfg.head_dims, cfg.head_batchnorm)
+        self.prototypes = Prototypes(cfg.head_dims[-1], cfg.num_prototypes)
+        self.criterion = SwAVLoss(cfg, cfg.head_dims[-1], num_crops, group=group)
+        # The queue is per rank: DDP must not overwrite it with rank 0's copy
+        # (broadcast_buffers). DDP reads this attribute from the module it wraps,
+        # so it applies when this module is the one wrapped.
+        self._ddp_params_and_buffers_to_ignore = [
+            f"criterion.{name}" for name, buf in self.criterion.named_buffers() if buf is not None
+        ]
+
+    def forward(self, crops: list[Tensor]) -> SwAVOutput:
+        """One trunk pass per resolution group (2x224 + 4x96 -> 2 passes).
+
+        Batching a group's crops fills the accelerator better than one pass
+        per crop and, with SyncBN, computes statistics over all of them.
+        """
+        if len(crops) != self.num_crops:
+            raise ValueError(f"expected {self.num_crops} crops, got {len(crops)}")
+        batch = crops[0].shape[0]
+        if any(c.shape[0] != batch for c in crops):
+            raise ValueError("all crops must hold the same number of images")
+        features = [self.trunk(torch.cat(crops[a:b])) for a, b in resolution_groups(crops)]
+        z = self.head(torch.cat(features) if len(features) > 1 else features[0])
+        z = F.normalize(z, dim=1)
+        return SwAVOutput(z, self.prototypes(z))
+
+    def loss(self, output: SwAVOutput, batch_size: int, iteration: int) -> Tensor:
+        return self.criterion(output.embeddings, output.scores, batch_size, iteration, self.prototypes)
+
+    def training_step(
+        self,
+        crops: list[Tensor],
+        iteration: int,
+        forward: Optional[Callable[[list[Tensor]], SwAVOutput]] = None,
+    ) -> tuple[Tensor, dict[str, float]]:
+        """Forward and loss for one (micro-)batch.
+
+        ``forward``: pass the wrapper (e.g. the DDP module) when this module
+        is wrapped, so the wrapper's forward hooks run; defaults to ``self``.
+        """
+        output = (forward or self)(crops)
+        loss = self.loss(output, crops[0].shape[0], iteration)
+        metrics = {"loss": float(loss.detach())}
+        if self.criterion.queue is not None:
+            metrics["queue_active"] = float(self.criterion.queue_active(iteration))
+        return loss, metrics
+
+    def cancel_prototype_gradients(self, iteration: int) -> None:
+        """Drop prototype grads during the first ``freeze_prototypes_iters`` iterations.
+
+        Call between backward and the optimizer step. A None grad makes SGD
+        skip the parameter entirely (no momentum or weight-decay update),
+        which is what freezing means; zeroed grads would still decay them.
+        """
+        if iteration < self.cfg.freeze_prototypes_iters:
+            for p in self.prototypes.parameters():
+                p.grad = None
+
+    def normalize_prototypes(self) -> None:
+        """Call after every optimizer step."""
+        self.prototypes.normalize_()

@@ -1,0 +1,58 @@
+"""Numerics of the step: autocast dtype and loss scaling, chosen once.
+
+The loop calls `autocast()`, `backward()` and `step()` whatever the
+precision, so fp16/bf16 (and, later, a backend's own scaler) slot in
+without touching the loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+
+from harness.config.loader import ConfigError
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def check_precision_supported(precision: str, device: torch.device) -> None:
+    """Fail at start-up, not mid-run, when the device cannot run the precision."""
+    if device.type == "cuda" and precision == "bf16" and not torch.cuda.is_bf16_supported():
+        name = torch.cuda.get_device_name(device)
+        raise ConfigError(f"parallel.precision=bf16 but {name} has no bf16 support (e.g. V100): use fp16")
+
+
+class Precision:
+    def __init__(self, precision: str, device: torch.device) -> None:
+        check_precision_supported(precision, device)
+        self.name = precision
+        self.device = device
+        self.dtype = DTYPES[precision]
+        self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+    @contextlib.contextmanager
+    def autocast(self) -> Iterator[None]:
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.name != "fp32"):
+            yield
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.scaler.scale(loss).backward()
+
+    def unscale(self, optimizer: torch.optim.Optimizer) -> None:
+        """Bring gradients to their true scale before anything reads them (LARS norms do)."""
+        self.scaler.unscale_(optimizer)
+
+    def step(self, optimizer: torch.optim.Optimizer) -> bool:
+        """Optimizer step unless fp16 gradients overflowed; returns whether it stepped."""
+        scale_before = self.scaler.get_scale() if self.scaler.is_enabled() else None
+        self.scaler.step(optimizer)
+        self.scaler.update()
+        return scale_before is None or self.scaler.get_scale() >= scale_before
+
+    def state_dict(self) -> dict:
+        return self.scaler.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.scaler.load_state_dict(state)

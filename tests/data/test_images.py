@@ -1,0 +1,84 @@
+"""Folder scanning, corrupt-file handling and the built-in photographs."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from harness.data import BUILTIN_PHOTOS, ImageDataset, builtin_image_paths, find_images, load_image
+
+EXTS = [".jpg", ".jpeg", ".png"]
+
+
+def _save(path: Path, color: tuple[int, int, int] = (200, 30, 30)) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (40, 30), color).save(path)
+    return path
+
+
+def test_find_images_recursive_sorted_case_insensitive(tmp_path: Path) -> None:
+    a = _save(tmp_path / "b" / "deep" / "x.JPG")
+    b = _save(tmp_path / "a.png")
+    c = _save(tmp_path / "c" / "y.Jpeg")
+    (tmp_path / "notes.txt").write_text("not an image")
+    _save(tmp_path / "._a.png")  # macOS resource fork
+    _save(tmp_path / ".cache" / "z.png")
+    found = find_images(tmp_path, EXTS)
+    assert found == sorted([a, b, c])
+    assert find_images(tmp_path, ["png"]) == [b]  # leading dot optional
+    assert find_images(tmp_path, EXTS) == found  # deterministic
+
+
+def test_find_images_missing_folder_message(tmp_path: Path) -> None:
+    missing = tmp_path / "nope"
+    with pytest.raises(FileNotFoundError, match="does not exist") as err:
+        find_images(missing, EXTS)
+    assert str(missing) in str(err.value) and "data.path" in str(err.value)
+
+
+def test_find_images_empty_folder_message(tmp_path: Path) -> None:
+    (tmp_path / "readme.txt").write_text("no photos here")
+    with pytest.raises(FileNotFoundError, match="no images found") as err:
+        find_images(tmp_path, EXTS)
+    message = str(err.value)
+    assert str(tmp_path) in message and ".jpeg" in message and "data.path" in message
+
+
+def test_corrupt_file_is_skipped_counted_and_warned_once(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    good = _save(tmp_path / "a.png", (10, 20, 30))
+    bad = tmp_path / "b.jpg"
+    bad.write_bytes(b"\xff\xd8 this is not a jpeg" * 10)
+    after = _save(tmp_path / "c.png", (250, 250, 0))
+    paths = find_images(tmp_path, EXTS)
+    assert paths == [good, bad, after]
+    dataset = ImageDataset(paths)
+    with caplog.at_level(logging.WARNING, logger="harness.data.images"):
+        first = dataset[1]
+        second = dataset[1]
+    assert first.getpixel((0, 0)) == (250, 250, 0)  # the next decodable image
+    assert second.getpixel((0, 0)) == (250, 250, 0)
+    assert dataset.num_skipped == 1 and dataset.skipped == {bad}
+    warnings = [r for r in caplog.records if "b.jpg" in r.getMessage()]
+    assert len(warnings) == 1
+    assert dataset[0].getpixel((0, 0)) == (10, 20, 30)
+
+
+def test_all_files_corrupt_is_a_clear_error(tmp_path: Path) -> None:
+    bad = tmp_path / "x.jpg"
+    bad.write_bytes(b"garbage")
+    with pytest.raises(RuntimeError, match="none of the 1 images decodes"):
+        ImageDataset([bad])[0]
+
+
+def test_builtin_photos_decode() -> None:
+    paths = builtin_image_paths()
+    print(f"{len(paths)} built-in photos: {[p.name for p in paths]}")
+    assert len(paths) >= 15
+    assert [p.name for p in paths] == [n for n in BUILTIN_PHOTOS if n in {p.name for p in paths}]
+    for path in paths:
+        image = load_image(path)
+        assert image.mode == "RGB"
+        assert min(image.size) >= 128, (path.name, image.size)
