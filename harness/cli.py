@@ -23,11 +23,17 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from harness.config import load_config
+    from harness.config.validate import validate
+    from harness.parallel.launchers import apply_launch_request, detect_launch
     from harness.train.loop import pretrain
 
     cfg = load_config(args.config, args.overrides)
+    # The launcher (accelerate config, deepspeed JSON, torchrun) decides the
+    # backend where it says something; explicit overrides must agree with it.
+    cfg = apply_launch_request(cfg, detect_launch(), explicit=args.overrides)
+    validate(cfg)
     result = pretrain(cfg)
-    if result.losses:
+    if result.losses and result.is_main:
         print(f"done: {len(result.losses)} steps in {result.wall_seconds:.1f}s, "
               f"{result.images_per_second:.1f} images/s, loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f}; "
               f"results in {result.run_dir}")

@@ -8,7 +8,12 @@ from harness.cli import main
 
 
 def run(argv: list[str] | None = None) -> int:
-    return main(["pretrain", *(sys.argv[1:] if argv is None else argv)])
+    from harness.parallel.launchers import split_launcher_args
+
+    # deepspeed's launcher appends --local_rank/--deepspeed_config; they are
+    # read from the environment and sys.argv by detect_launch, not parsed here.
+    remaining, _ = split_launcher_args(sys.argv[1:] if argv is None else argv)
+    return main(["pretrain", *remaining])
 
 
 if __name__ == "__main__":

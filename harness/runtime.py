@@ -51,9 +51,25 @@ def init_runtime(cfg: RunConfig) -> Runtime:
             "set parallel.backend (ddp, fsdp2, deepspeed, fairscale) or launch one process"
         )
     device = _pick_device(cfg.train.device, local_rank)
-    if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if cfg.parallel.backend != "none" and not dist.is_initialized():
+        init_process_group(device, rank, world_size)
     return Runtime(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+
+
+def init_process_group(device: torch.device, rank: int, world_size: int) -> None:
+    """Join the launcher's group; a lone process gets a 1-rank group of its own.
+
+    Every distributed backend is allowed at world size 1 (a debugging run of
+    a multi-GPU config, or one GPU), and DDP/FSDP2/DeviceMesh all need a
+    process group even then. torchrun exports MASTER_ADDR/PORT, so env://
+    works; a plain `python -m harness` does not, and a 1-rank group needs no
+    rendezvous, so an in-memory store stands in for it.
+    """
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if world_size == 1 and "MASTER_ADDR" not in os.environ:
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    else:
+        dist.init_process_group(backend)
 
 
 def seed_everything(seed: int, rank: int) -> None:
@@ -61,3 +77,12 @@ def seed_everything(seed: int, rank: int) -> None:
     random.seed(seed + rank)
     np.random.seed((seed + rank) % 2**32)
     torch.manual_seed(seed)
+
+
+def mean_over_ranks(value: float, rt: Runtime) -> float:
+    """The global mean of a per-rank scalar (the loss a user should see)."""
+    if rt.world_size == 1:
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64, device=rt.device)
+    dist.all_reduce(tensor)
+    return float(tensor.item()) / rt.world_size

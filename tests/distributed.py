@@ -8,11 +8,13 @@ test module (they are pickled by name).
 
 from __future__ import annotations
 
+import io
 import os
 import socket
 import traceback
 from typing import Any, Callable
 
+import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
@@ -23,14 +25,25 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _to_bytes(value: Any) -> bytes:
+    """Serialise with torch.save: tensors put on a torch.multiprocessing queue
+    travel as shared memory owned by the sender, which is gone by the time
+    the parent reads them."""
+    buffer = io.BytesIO()
+    torch.save(value, buffer)
+    return buffer.getvalue()
+
+
 def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, results) -> None:
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
         WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size),
     )
+    # Ranks share 2 cores: intra-op threads would only oversubscribe them.
+    torch.set_num_threads(1)
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world_size)
-        results.put((rank, "ok", fn(rank, world_size, *args)))
+        results.put((rank, "ok", _to_bytes(fn(rank, world_size, *args))))
     except BaseException:  # reported to the parent, which fails the test
         results.put((rank, "error", traceback.format_exc()))
     finally:
@@ -72,4 +85,4 @@ def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = 
                 p.kill()
     if errors:
         raise AssertionError("distributed worker failed\n" + "\n".join(errors))
-    return [collected[r] for r in range(world_size)]
+    return [torch.load(io.BytesIO(collected[r]), weights_only=False) for r in range(world_size)]

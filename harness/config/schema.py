@@ -153,17 +153,22 @@ class ScheduleConfig:
 class ParallelConfig:
     """How the model is spread over processes and which numerics it runs in.
 
-    The sharding backends beyond one process arrive with issue 3; the fields
-    that SEER's presets fix (precision, SyncBN group, checkpointing) live here
-    already so that presets state the paper's full recipe.
+    One section serves every backend; keys a backend does not use are
+    ignored by it (and say so in their comment).
     """
 
     backend: str = "none"  # none | ddp | fsdp2 | deepspeed | fairscale
     precision: str = "fp32"  # fp32 | fp16 | bf16
     syncbn_group_size: int = 0  # 0: global, -1: one node, N: groups of N ranks
     activation_checkpointing: bool = False
-    stage_checkpoints: Optional[list[list[int]]] = None  # VISSL-style split points per stage
+    stage_checkpoints: Optional[list[list[int]]] = None  # VISSL-style split points per stage; None: per block
     wrap_min_params: int = 100_000_000  # fairscale auto-wrap threshold (SEER-10B)
+    reshard_after_forward: bool = True  # fsdp2: True = ZeRO-3-like, False = ZeRO-2-like
+    shard_group_size: int = 0  # fsdp2 hybrid: shard within groups of N ranks (a node), replicate across; 0: all ranks
+    cpu_offload: bool = False  # fsdp2 CPUOffloadPolicy; deepspeed offload of optimizer state (and params at ZeRO-3)
+    zero_stage: int = 2  # deepspeed: 1, 2 or 3
+    deepspeed_config: Optional[str] = None  # a DeepSpeed JSON (e.g. ds_configs/zero3_fp16.json); its zero stage
+    # and precision must agree with this section, batch fields are filled from data/train
 
 
 @dataclass

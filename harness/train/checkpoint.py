@@ -23,8 +23,11 @@ def checkpoint_path(run_dir: Path, step: int | None = None) -> Path:
     return run_dir / (FINAL if step is None else f"checkpoint_{step:08d}.pt")
 
 
-def save_checkpoint(path: Path, state: TrainState, config: dict[str, Any]) -> Path:
+def save_checkpoint(path: Path, state: TrainState, config: dict[str, Any], write: bool = True) -> Path:
+    """Every rank calls this (gathering sharded state is collective); ranks with `write` False only gather."""
     payload = {"state": state.state_dict(), "config": config, "format": "harness-v1"}
+    if not write:
+        return path
     tmp = path.with_suffix(path.suffix + ".tmp")
     torch.save(payload, tmp)
     os.replace(tmp, path)

@@ -19,12 +19,12 @@ from harness.config.loader import to_dict
 from harness.config.schema import RunConfig
 from harness.data import build_dataloader, set_epoch
 from harness.models import build_trunk_from_config
-from harness.optim import build_optimizer, build_schedule, set_lr
-from harness.runtime import Runtime, init_runtime, seed_everything
+from harness.optim import build_schedule
+from harness.parallel.build import build_engine
+from harness.runtime import Runtime, init_runtime, mean_over_ranks, seed_everything
 from harness.ssl.swav import SwAV
 from harness.train.checkpoint import checkpoint_path, save_checkpoint
 from harness.train.metrics import MetricsLogger, progress_bar
-from harness.train.precision import Precision
 from harness.train.rundir import prepare_run_dir
 from harness.train.state import TrainState
 
@@ -34,6 +34,8 @@ MIN_BATCHES_PER_EPOCH = 100  # so loader workers prefetch across steps, even on 
 
 @dataclass
 class RunResult:
+    is_main: bool
+    backend: str
     run_dir: Path
     losses: list[float]
     images_per_second: float
@@ -48,13 +50,24 @@ def _batches(loader, device: torch.device) -> Iterator[list[torch.Tensor]]:
             yield [c.to(device, non_blocking=True) for c in crops]
 
 
+def device_memory(device: torch.device) -> dict[str, float]:
+    """Peak accelerator memory so far (GiB); nothing on CPU."""
+    if device.type != "cuda":
+        return {}
+    return {"max_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30,
+            "max_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30}
+
+
+def global_batch_size(cfg: RunConfig, rt: Runtime) -> int:
+    """Images per optimizer step: what LR scaling and Sinkhorn normalisation see."""
+    return cfg.data.batch_size * rt.world_size * cfg.train.grad_accum
+
+
 def build_state(cfg: RunConfig, rt: Runtime) -> TrainState:
     num_crops = sum(c.count for c in cfg.data.crops)
-    model = SwAV(build_trunk_from_config(cfg.model), cfg.swav, num_crops).to(rt.device)
-    global_batch = cfg.data.batch_size * rt.world_size * cfg.train.grad_accum
-    schedule = build_schedule(cfg.schedule, global_batch, cfg.train.iterations)
-    optimizer = build_optimizer(model, cfg.optim, lr=schedule(0))
-    return TrainState(model, optimizer, schedule, Precision(cfg.parallel.precision, rt.device))
+    method = SwAV(build_trunk_from_config(cfg.model), cfg.swav, num_crops).to(rt.device)
+    schedule = build_schedule(cfg.schedule, global_batch_size(cfg, rt), cfg.train.iterations)
+    return TrainState(build_engine(method, cfg, rt, lr=schedule(0)), schedule)
 
 
 def pretrain(cfg: RunConfig) -> RunResult:
@@ -64,28 +77,23 @@ def pretrain(cfg: RunConfig) -> RunResult:
     loader = build_dataloader(cfg.data, rank=rt.rank, world_size=rt.world_size, seed=cfg.train.seed,
                               epoch_length=MIN_BATCHES_PER_EPOCH * cfg.data.batch_size * rt.world_size)
     state = build_state(cfg, rt)
-    model, optimizer, precision = state.model, state.optimizer, state.precision
-    global_batch = cfg.data.batch_size * rt.world_size * cfg.train.grad_accum
+    engine, global_batch = state.engine, global_batch_size(cfg, rt)
     logger = MetricsLogger(run_dir, rt.is_main, cfg.train.tensorboard)
     bar = progress_bar(state.step, cfg.train.iterations, rt.is_main)
     batches, losses, start = _batches(loader, rt.device), [], time.perf_counter()
 
-    model.train()
+    stage = f" zero_stage={cfg.parallel.zero_stage}" if engine.name == "deepspeed" else ""
+    print(f"harness: rank {rt.rank}/{rt.world_size} on {rt.device}: backend={engine.name}{stage} "
+          f"precision={cfg.parallel.precision} global_batch={global_batch}", flush=True)
+    engine.train()
     for step in range(state.step, cfg.train.iterations):
         tick = time.perf_counter()
         lr = state.schedule(step)
-        set_lr(optimizer, lr)
-        step_loss = 0.0
-        for _ in range(cfg.train.grad_accum):
-            with precision.autocast():
-                loss, metrics = model.training_step(next(batches), step)
-            precision.backward(loss / cfg.train.grad_accum)
-            step_loss += loss.item() / cfg.train.grad_accum
-        model.cancel_prototype_gradients(step)
-        precision.unscale(optimizer)
-        stepped = precision.step(optimizer)
-        optimizer.zero_grad(set_to_none=True)
-        model.normalize_prototypes()
+        engine.set_lr(lr)
+        local_loss = sum(engine.forward_backward(next(batches), step)[0]
+                         for _ in range(cfg.train.grad_accum)) / cfg.train.grad_accum
+        stepped = engine.optimizer_step(step)
+        step_loss = mean_over_ranks(local_loss, rt)
         state.schedule.observe(step_loss)
         state.step, state.images_seen = step + 1, state.images_seen + global_batch
 
@@ -95,14 +103,13 @@ def pretrain(cfg: RunConfig) -> RunResult:
         bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.4g}", img_s=f"{images_per_s:.1f}")
         if state.step % cfg.train.log_every == 0 or state.step == cfg.train.iterations:
             logger.log(state.step, {"loss": step_loss, "lr": lr, "images_per_s": images_per_s,
-                                    "images_seen": state.images_seen, "stepped": float(stepped)})
-        if cfg.train.checkpoint_every and state.step % cfg.train.checkpoint_every == 0 and rt.is_main:
-            save_checkpoint(checkpoint_path(run_dir, state.step), state, to_dict(cfg))
+                                    "images_seen": state.images_seen, "stepped": float(stepped),
+                                    **device_memory(rt.device)})
+        if cfg.train.checkpoint_every and state.step % cfg.train.checkpoint_every == 0:
+            save_checkpoint(checkpoint_path(run_dir, state.step), state, to_dict(cfg), write=rt.is_main)
 
     wall = time.perf_counter() - start
     bar.close()
     logger.close()
-    if rt.is_main:
-        save_checkpoint(checkpoint_path(run_dir), state, to_dict(cfg))
-    steps_run = len(losses)
-    return RunResult(run_dir, losses, steps_run * global_batch / max(wall, 1e-9), wall)
+    save_checkpoint(checkpoint_path(run_dir), state, to_dict(cfg), write=rt.is_main)
+    return RunResult(rt.is_main, engine.name, run_dir, losses, len(losses) * global_batch / max(wall, 1e-9), wall)

@@ -25,12 +25,28 @@ def check_precision_supported(precision: str, device: torch.device) -> None:
 
 
 class Precision:
-    def __init__(self, precision: str, device: torch.device) -> None:
+    """Autocast plus (fp16 only) a loss scaler.
+
+    `sharded=True` is for backends whose gradients are sharded (FSDP2): each
+    rank then only sees its shard's inf/NaN, so the scaler must agree on
+    found-inf across ranks or one rank would skip a step the others take.
+    torch's ShardedGradScaler all-reduces found-inf over the world (so HSDP
+    replicas agree too). Replicated gradients (DDP) are already all-reduced,
+    and an inf anywhere reaches every rank, so the plain scaler suffices.
+    """
+
+    def __init__(self, precision: str, device: torch.device, sharded: bool = False) -> None:
         check_precision_supported(precision, device)
         self.name = precision
         self.device = device
         self.dtype = DTYPES[precision]
-        self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+        enabled = precision == "fp16"
+        if sharded:
+            from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+            self.scaler: torch.amp.GradScaler = ShardedGradScaler(device.type, enabled=enabled)
+        else:
+            self.scaler = torch.amp.GradScaler(device.type, enabled=enabled)
 
     @contextlib.contextmanager
     def autocast(self) -> Iterator[None]:

@@ -50,16 +50,16 @@ def test_checkpoint_restores_the_exact_state(tmp_path):
     load_checkpoint(checkpoint_path(tmp_path / "run"), fresh)
     saved = torch.load(checkpoint_path(tmp_path / "run"), weights_only=False)["state"]
     assert fresh.step == 4
-    for name, value in fresh.model.state_dict().items():
+    for name, value in fresh.engine.method.state_dict().items():
         torch.testing.assert_close(value, saved["model"][name], rtol=0, atol=0)
-    assert fresh.optimizer.state_dict()["state"].keys() == saved["optimizer"]["state"].keys()
+    assert fresh.engine.optimizer.state_dict()["state"].keys() == saved["optimizer"]["state"].keys()
 
 
 def test_frozen_prototypes_only_renormalised(tmp_path):
     cfg = tiny_config(tmp_path, "swav.freeze_prototypes_iters=100")
     torch.manual_seed(cfg.train.seed)
     rt = Runtime(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
-    initial = build_state(cfg, rt).model.prototypes.state_dict()
+    initial = build_state(cfg, rt).engine.method.prototypes.state_dict()
     pretrain(cfg)
     saved = torch.load(checkpoint_path(tmp_path / "run"), weights_only=False)["state"]["model"]
     for key, weight in initial.items():

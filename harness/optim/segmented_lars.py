@@ -1,0 +1,182 @@
+"""LARS on ZeRO's flat partitions, with per-parameter trust ratios.
+
+Why this exists: DeepSpeed ZeRO (stages 1-3) hands the client optimizer one
+flat fp32 tensor per parameter group (stage 3: per sub-group) holding only
+this rank's slice of the concatenated parameters. `harness.optim.LARS` would
+take one norm over that whole slice, so the trust ratio would mix unrelated
+tensors and differ from rank to rank. SEER's LARC needs |p| and |g| of each
+*original* parameter, identical to DDP. No library does per-parameter trust
+ratios on ZeRO partitions (DeepSpeed's own LAMB works on whole flat groups;
+apex LARC and VISSL's larc_fsdp assume per-parameter tensors), so this is
+written by hand.
+
+How: the engine reads ZeRO's bookkeeping after ``deepspeed.initialize`` and
+attaches a `FlatLayout` to every flat tensor: the run of segments the flat
+is made of (parameter k, or padding) and their lengths. A step then takes
+per-segment sums of squares (`torch.segment_reduce`), adds them per
+parameter, all-reduces ONE stacked [2(n+1)] vector over the data-parallel
+group (VISSL's larc_fsdp trick) and expands the per-parameter ratio back to
+elements with `repeat_interleave`. The arithmetic per element is the one of
+`harness.optim.lars.LARS` (VISSL LARC form: weight decay folded, trust,
+eps, optional clip, SGD momentum), so ZeRO runs match DDP runs.
+
+Frozen parameters (`frozen`: ids of original parameters, e.g. SwAV
+prototypes during their first iterations) and padding get a zero update
+and keep their momentum buffer, which is what a ``None`` grad means to
+`LARS`. Cost: three temporaries the size of the partition (d, the expanded
+ratio, the expanded decay) on top of what `LARS` allocates.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from harness.optim.lars import LARS
+
+
+@dataclass
+class FlatLayout:
+    """What a flat partition is made of, in order.
+
+    ``params``: the original parameters whose norms this flat contributes to,
+    in the same order on every rank (the index into the all-reduced vector);
+    ``owners[j]``: index into ``params`` of segment j, ``len(params)`` for
+    padding; ``lengths[j]``: its number of elements. Lengths sum to the flat's numel.
+    """
+
+    params: list[Tensor]
+    owners: list[int]
+    lengths: list[int]
+    group: Any = None  # data-parallel process group of the norms' all-reduce
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    def tensors(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        """(owners, lengths) as int64 tensors on `device`, built once."""
+        if device not in self._cache:
+            self._cache[device] = (torch.tensor(self.owners, dtype=torch.long, device=device),
+                                   torch.tensor(self.lengths, dtype=torch.long, device=device))
+        return self._cache[device]
+
+    def validate(self, numel: int) -> None:
+        if sum(self.lengths) != numel or len(self.owners) != len(self.lengths):
+            raise RuntimeError(f"ZeRO layout does not cover the flat partition: {sum(self.lengths)} "
+                               f"segment elements for {numel} flat elements")
+        if any(n <= 0 for n in self.lengths):
+            raise RuntimeError("ZeRO layout has an empty segment")
+
+
+def layout_from_ranges(params: list[Tensor], ranges: list[tuple[int, int, int]], total: int,
+                       group: Any = None) -> FlatLayout:
+    """Build a layout from (param index, start, length) ranges inside a flat of
+    `total` elements; the gaps become padding segments."""
+    owners: list[int] = []
+    lengths: list[int] = []
+    pad, cursor = len(params), 0
+    for index, start, length in sorted(ranges, key=lambda r: r[1]):
+        if length <= 0:
+            continue
+        if start < cursor:
+            raise RuntimeError("overlapping ZeRO segments")
+        if start > cursor:
+            owners.append(pad)
+            lengths.append(start - cursor)
+        owners.append(index)
+        lengths.append(length)
+        cursor = start + length
+    if cursor < total:
+        owners.append(pad)
+        lengths.append(total - cursor)
+    return FlatLayout(params, owners, lengths, group)
+
+
+class SegmentedLARS(LARS):
+    """`LARS` whose "parameters" are ZeRO flat partitions with attached layouts.
+
+    Built over the original parameters (so DeepSpeed sees ordinary param
+    groups, with ``lars_adapt`` False giving plain SGD); DeepSpeed then swaps
+    each group's params for flat partitions and the engine calls
+    `attach_layouts`. A flat without a layout is refused rather than
+    normalised as a whole.
+    """
+
+    def __init__(self, params: Iterable[Any], lr: float, **kwargs: Any) -> None:
+        super().__init__(params, lr, **kwargs)
+        self.layouts: dict[int, FlatLayout] = {}
+        self.frozen: set[int] = set()
+
+    def attach_layouts(self, layouts: dict[int, FlatLayout]) -> None:
+        """`layouts`: id(flat tensor) -> its layout."""
+        self.layouts = dict(layouts)
+
+    def _factors(self, group: dict[str, Any], layout: FlatLayout, p: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
+        """Per-parameter (ratio, decay x ratio), with a trailing entry for padding."""
+        n = len(layout.params)
+        owners, lengths = layout.tensors(p.device)
+        wd = group["weight_decay"]
+        if group.get("lars_adapt", True):
+            acc = torch.float64 if p.dtype == torch.float64 else torch.float32
+            sums = torch.zeros(2 * (n + 1), dtype=acc, device=p.device)
+            sums.index_add_(0, owners, torch.segment_reduce(p.to(acc).square(), "sum", lengths=lengths))
+            sums.index_add_(0, owners + (n + 1), torch.segment_reduce(g.to(acc).square(), "sum", lengths=lengths))
+            if dist.is_available() and dist.is_initialized():
+                dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=layout.group)
+            p_norm, g_norm = sums.sqrt().split(n + 1)
+            ratio = group["trust_coefficient"] * p_norm / (g_norm + wd * p_norm + group["eps"])
+            if group["clip"]:
+                ratio = torch.clamp(ratio / group["lr"], max=1.0)
+            ok = (p_norm > 0) & (g_norm > 0)
+            ratio = torch.where(ok, ratio, torch.ones_like(ratio))
+            decay = torch.where(ok, torch.full_like(ratio, wd), torch.zeros_like(ratio))
+        else:  # plain SGD: d = g + wd * p
+            ratio = torch.ones(n + 1, dtype=torch.float32, device=p.device)
+            decay = torch.full_like(ratio, wd)
+        skip = torch.zeros(n + 1, dtype=torch.bool, device=p.device)
+        skip[n] = True
+        for i, param in enumerate(layout.params):
+            if id(param) in self.frozen:
+                skip[i] = True
+        ratio = torch.where(skip, torch.zeros_like(ratio), ratio)
+        decay_ratio = torch.where(skip, torch.zeros_like(ratio), decay * ratio)
+        return ratio, decay_ratio
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], Tensor]] = None) -> Optional[Tensor]:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, momentum = group["lr"], group["momentum"]
+            for flat in group["params"]:
+                layout = self.layouts.get(id(flat))
+                if layout is None:
+                    raise RuntimeError("SegmentedLARS got a tensor without a ZeRO layout: refusing to take "
+                                       "one norm over a whole partition (call attach_layouts after deepspeed.initialize)")
+                if flat.grad is None:
+                    raise RuntimeError("SegmentedLARS: a ZeRO flat partition has no gradient")
+                p, g = flat.data, flat.grad.to(flat.dtype)
+                layout.validate(p.numel())
+                ratio, decay_ratio = self._factors(group, layout, p, g)
+                _, lengths = layout.tensors(p.device)
+                owners = layout.tensors(p.device)[0]
+                r = torch.repeat_interleave(ratio[owners].to(p.dtype), lengths, output_size=p.numel())
+                d = g * r
+                d.add_(p * torch.repeat_interleave(decay_ratio[owners].to(p.dtype), lengths, output_size=p.numel()))
+                del r
+                if momentum != 0:
+                    state = self.state[flat]
+                    buf = state.get("momentum_buffer")
+                    if buf is None:
+                        state["momentum_buffer"] = buf = d.clone()
+                    else:
+                        buf.mul_(momentum).add_(d)
+                    # frozen/padding elements: d = 0 and their buffer is zero while frozen (freezing
+                    # is only ever at the start of a run), so the momentum term leaves them alone
+                    d = d.add(buf, alpha=momentum) if group["nesterov"] else buf
+                p.add_(d, alpha=-lr)
+        return loss

@@ -1,0 +1,1 @@
+"""Parallelism applied to an unchanged model by small apply_* functions."""

@@ -1,0 +1,83 @@
+"""The one interface the training loop drives, whatever the backend.
+
+A backend owns what differs between DDP, FSDP2, DeepSpeed and fairscale:
+how the model is wrapped, who scales the loss, how the optimizer steps and
+how state is gathered for a checkpoint. The loop only calls
+`forward_backward` per micro-batch and `optimizer_step` per step, so it
+never branches on the backend (torchtitan's and DINOv2's split).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+import torch
+from torch import nn
+
+from harness.config.schema import RunConfig
+from harness.runtime import Runtime
+from harness.ssl.swav import SwAV
+
+
+class Engine(ABC):
+    """A built backend: the SwAV method, wrapped, with its optimizer and numerics."""
+
+    name: str = ""
+
+    def __init__(self, method: SwAV, cfg: RunConfig, rt: Runtime) -> None:
+        self.method = method  # unwrapped: prototypes, loss, hooks of the SSL method
+        self.cfg = cfg
+        self.rt = rt
+
+    @abstractmethod
+    def forward_backward(self, crops: list[torch.Tensor], step: int) -> tuple[float, dict[str, float]]:
+        """One micro-batch: forward, loss / grad_accum, backward. Returns this rank's loss."""
+
+    @abstractmethod
+    def optimizer_step(self, step: int) -> bool:
+        """Prototype freezing, unscaling, the optimizer step, zeroing grads and
+        prototype re-normalisation. Returns False when fp16 overflow skipped it."""
+
+    @abstractmethod
+    def set_lr(self, lr: float) -> None:
+        ...
+
+    @abstractmethod
+    def state_dict(self) -> dict[str, Any]:
+        """Model, optimizer and scaler state, as this backend saves it."""
+
+    @abstractmethod
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        ...
+
+    @property
+    @abstractmethod
+    def module(self) -> nn.Module:
+        """The wrapped module the forward runs through (DDP, FSDP2 root, DeepSpeed engine...)."""
+
+    def train(self) -> None:
+        self.module.train()
+
+    def local_state_bytes(self) -> dict[str, int]:
+        """Bytes of parameter, gradient and optimizer-state storage held by THIS rank.
+
+        Sharded tensors (DTensors) count their local shard only, so the
+        numbers show what sharding saves; transient unsharded copies (FSDP2
+        all-gathers) are not counted. Backends whose optimizer is not
+        `self.optimizer` with a torch-style `state` override this.
+        """
+        def nbytes(t: Any) -> int:
+            if not isinstance(t, torch.Tensor):
+                return 0
+            local = t.to_local() if hasattr(t, "to_local") else t
+            return local.numel() * local.element_size()
+
+        params = list(self.module.parameters())
+        optimizer = getattr(self, "optimizer", None)
+        states = getattr(optimizer, "state", {}) if optimizer is not None else {}
+        return {
+            "params": sum(nbytes(p) for p in params),
+            "grads": sum(nbytes(p.grad) for p in params),
+            "optimizer": sum(nbytes(v) for s in states.values() for v in s.values()),
+        }

@@ -1,0 +1,149 @@
+"""fairscale FullyShardedDataParallel as SEER-10B ran it (VISSL regnet10B.yaml).
+
+Kept beside FSDP2 because it is what the 10B recipe was validated with:
+auto-wrap by parameter count (``parallel.wrap_min_params``, 1e8 in SEER),
+``flatten_parameters=False`` so that LARS sees one tensor per parameter (its
+norms then come from ONE all-reduce of per-shard sums of squares over
+``norm_process_group``, VISSL's larc_fsdp), fp16 compute with fp32 masters,
+every BatchNorm and the prototypes in their own fp32 units (fairscale's
+``auto_wrap_bn``; prototypes are `Prototypes.KEEP_FP32`), loss scaling by
+fairscale's ShardedGradScaler (inf checks agree across ranks).
+
+fairscale FSDP has no CPU path, so `apply_fairscale` refuses a non-CUDA
+device before anything is built. The CUDA path could not be run where it
+was written (no GPU): it follows fairscale 0.4.13's API.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from harness.config.loader import ConfigError
+from harness.config.schema import RunConfig
+from harness.optim import build_optimizer
+from harness.parallel.torch_engine import TorchEngine
+from harness.runtime import Runtime
+from harness.ssl.swav import SwAV
+from harness.train.precision import check_precision_supported
+
+CPU_REFUSAL = ("parallel.backend=fairscale needs CUDA GPUs (fairscale FSDP has no CPU path); "
+               "use fsdp2 or deepspeed")
+
+
+def require_cuda(device: torch.device) -> None:
+    """Cheap check, first thing: no model, process group or import work before it."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        raise ConfigError(CPU_REFUSAL)
+
+
+def wrap_plan(module: nn.Module, min_params: int) -> list[str]:
+    """Names of the submodules fairscale's ``auto_wrap`` with ``default_auto_wrap_policy``
+    (min_num_params=min_params) would wrap, BN excluded (wrapped on its own in fp32).
+
+    Mirrors fairscale's ``_recursive_wrap`` so the plan can be checked on a meta-device
+    model without CUDA: recurse into a module while its unwrapped parameter count reaches
+    the threshold, wrap a non-root module whose remainder still does.
+    """
+    from fairscale.nn.wrap.auto_wrap import default_auto_wrap_policy
+
+    policy = functools.partial(default_auto_wrap_policy, min_num_params=min_params,
+                               exclude_wrap_modules={nn.ModuleList, nn.ModuleDict, _BatchNorm})
+    plan: list[str] = []
+
+    def visit(mod: nn.Module, name: str, root: bool) -> int:
+        total = sum(p.numel() for p in mod.parameters())
+        if not policy(module=mod, recurse=True, unwrapped_params=total, module_is_root=root):
+            return 0
+        wrapped = sum(visit(child, f"{name}.{n}" if name else n, False) for n, child in mod.named_children())
+        if not root and policy(module=mod, recurse=False, unwrapped_params=total - wrapped, module_is_root=root):
+            plan.append(name)
+            return total
+        return wrapped
+
+    visit(module, "", True)
+    return plan
+
+
+def _fsdp_kwargs(cfg: RunConfig) -> dict[str, Any]:
+    low = cfg.parallel.precision in ("fp16", "bf16")
+    return dict(
+        mixed_precision=low,
+        compute_dtype={"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.parallel.precision, torch.float32),
+        fp32_reduce_scatter=low,
+        flatten_parameters=False,  # LARS needs per-parameter tensors
+        reshard_after_forward=cfg.parallel.reshard_after_forward,
+        move_grads_to_cpu=False,
+    )
+
+
+def apply_fairscale(method: SwAV, cfg: RunConfig, rt: Runtime) -> nn.Module:
+    """Wrap `method` in nested fairscale FSDP units; returns the root."""
+    require_cuda(rt.device)
+    check_precision_supported(cfg.parallel.precision, rt.device)
+    from fairscale.nn.data_parallel import FullyShardedDataParallel as FSDP
+    from fairscale.nn.data_parallel.fully_sharded_data_parallel import auto_wrap_bn
+    from fairscale.nn.wrap import auto_wrap, enable_wrap
+
+    from harness.parallel.syncbn import convert_syncbn
+
+    if rt.world_size > 1:
+        method.trunk = convert_syncbn(method.trunk, cfg.parallel.syncbn_group_size)
+    kwargs = _fsdp_kwargs(cfg)
+    fp32_unit = {**kwargs, "mixed_precision": False, "compute_dtype": torch.float32, "fp32_reduce_scatter": False}
+    # BN in fp32 units over the full group (SyncBN still syncs over its own groups)
+    method.trunk = auto_wrap_bn(method.trunk, single_rank_pg=False, fsdp_config=fp32_unit)
+    method.head = auto_wrap_bn(method.head, single_rank_pg=False, fsdp_config=fp32_unit)
+    method.prototypes = FSDP(method.prototypes, **fp32_unit)
+    from fairscale.nn.wrap.auto_wrap import default_auto_wrap_policy
+
+    policy = functools.partial(default_auto_wrap_policy, min_num_params=cfg.parallel.wrap_min_params)
+    with enable_wrap(wrapper_cls=FSDP, **kwargs):
+        method.trunk = auto_wrap(method.trunk, auto_wrap_policy=policy)
+        method.head = auto_wrap(method.head, auto_wrap_policy=policy)
+    return FSDP(method, **kwargs)
+
+
+class FairscaleEngine(TorchEngine):
+    """TorchEngine over a fairscale FSDP root: LARS norms across shards, sharded scaler,
+    prototype normalisation on gathered rows (flat shards cut rows anywhere)."""
+
+    def optimizer_step(self, step: int) -> bool:
+        self.method.cancel_prototype_gradients(step)
+        self.precision.unscale(self.optimizer)
+        stepped = self.precision.step(self.optimizer)
+        self.optimizer.zero_grad(set_to_none=True)
+        with self.method.prototypes.summon_full_params(recurse=True, volatile=False):
+            self.method.prototypes.module.normalize_()
+        return stepped
+
+    def state_dict(self) -> dict[str, Any]:
+        """Collective (every rank): fairscale's full state dict, gathered; optimizer state stays
+        per rank (fairscale's gather_full_optim_state_dict needs flatten_parameters=True)."""
+        return {"model": self._module.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scaler": self.precision.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._module.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.precision.load_state_dict(state["scaler"])
+
+
+def build_fairscale_engine(method: SwAV, cfg: RunConfig, rt: Runtime, lr: float) -> FairscaleEngine:
+    require_cuda(rt.device)  # before any import or wrapping
+    from fairscale.optim.grad_scaler import ShardedGradScaler
+
+    from harness.train.precision import Precision
+
+    root = apply_fairscale(method, cfg, rt)
+    group: Optional[Any] = dist.group.WORLD if dist.is_initialized() else None
+    optimizer = build_optimizer(root, cfg.optim, lr=lr, norm_process_group=group if cfg.optim.lars.enabled else None)
+    precision = Precision(cfg.parallel.precision, rt.device)
+    if cfg.parallel.precision == "fp16":
+        precision.scaler = ShardedGradScaler()  # inf checks all-reduced: every rank skips together
+    return FairscaleEngine(method, root, optimizer, precision, cfg, rt, name="fairscale")

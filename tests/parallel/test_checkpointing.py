@@ -1,0 +1,98 @@
+"""Activation checkpointing: same loss, gradients and BN running statistics as without."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from harness.parallel.checkpointing import apply_activation_checkpointing, segments
+from tests.parallel._common import (
+    AC_BLOCK, AC_SEGMENTS, AC_STEPS, F64, bn_stats, build, distributed_results, full_params, make_cfg, make_data, runtime,
+    train,
+)
+
+
+def _none_step(*extra: str) -> dict:
+    """One fp64 step of backend none; grads read before the optimizer step."""
+    cfg = make_cfg("none", 8, *F64, *extra)
+    engine = build(cfg, runtime(), torch.float64)
+    data = make_data(2, 8, dtype=torch.float64)
+    loss = engine.forward_backward(data[0], 0)[0]
+    grads = {n: p.grad.clone() for n, p in engine.method.named_parameters()}
+    engine.optimizer_step(0)
+    loss2 = engine.forward_backward(data[1], 1)[0]
+    engine.optimizer_step(1)
+    return {"losses": [loss, loss2], "grads": grads, "bn": bn_stats(engine.method.trunk),
+            "params": full_params(engine.method.trunk)}
+
+
+@pytest.fixture(scope="module")
+def plain() -> dict:
+    return _none_step()
+
+
+@pytest.mark.parametrize("extra", [AC_BLOCK, AC_SEGMENTS], ids=["per_block", "segments"])
+def test_none_backend_same_loss_grads_and_bn_stats(plain, extra):
+    ckpt = _none_step(*extra)
+    assert ckpt["losses"] == plain["losses"]
+    for name, g in plain["grads"].items():
+        torch.testing.assert_close(ckpt["grads"][name], g, rtol=0, atol=0)
+    for name, stat in plain["bn"].items():
+        np.testing.assert_array_equal(ckpt["bn"][name], stat, err_msg=name)
+
+
+def test_checkpointing_really_recomputes():
+    """A checkpointed block's forward runs twice per step (once more in backward)."""
+    cfg = make_cfg("none", 8, *AC_BLOCK)
+    engine = build(cfg, runtime())
+    calls = []
+    block = engine.method.trunk.trunk_output.block3[1]
+    block.register_forward_hook(lambda *_: calls.append(1))
+    engine.forward_backward(make_data(1, 8)[0], 0)
+    assert len(calls) == 2 * 2  # two resolution groups, each forward + recompute
+
+
+def test_state_dict_keys_unchanged():
+    cfg = make_cfg("none", 8, *AC_SEGMENTS)
+    plain, ckpt = build(make_cfg("none", 8), runtime()), build(cfg, runtime())
+    assert list(plain.method.state_dict()) == list(ckpt.method.state_dict())
+
+
+def test_segments_follow_vissl_split_points():
+    assert segments([2, 7, 17, 1], [[2], [7], [9, 17], []]) == [[(0, 2)], [(0, 7)], [(0, 9), (9, 17)], []]
+    assert segments([2, 3], None) == [[(0, 1), (1, 2)], [(0, 1), (1, 2), (2, 3)]]
+    with pytest.raises(ValueError):
+        segments([2, 3], [[3], []])
+    with pytest.raises(ValueError):
+        segments([2, 3], [[2]])
+
+
+def test_rejects_a_trunk_without_stages():
+    with pytest.raises(ValueError, match="trunk_output"):
+        apply_activation_checkpointing(nn.Linear(2, 2), make_cfg("none", 8, *AC_BLOCK))
+
+
+@pytest.fixture(scope="module")
+def plain_ac_steps() -> dict:
+    """Backend none, no AC, the full batch of 8: what 2 ranks with global SyncBN must reproduce."""
+    cfg = make_cfg("none", 8, *F64)
+    engine = build(cfg, runtime(), torch.float64)
+    losses = train(engine, make_data(AC_STEPS, 8, dtype=torch.float64))
+    return {"losses": losses, "params": full_params(engine.method.trunk), "bn": bn_stats(engine.method.trunk)}
+
+
+@pytest.mark.parametrize("key", ["fsdp2_ac_block", "fsdp2_ac_segments", "ddp_ac_segments"])
+def test_distributed_same_trajectory_and_bn_stats(plain_ac_steps, key):
+    """Under fsdp2 / ddp (2 ranks, global SyncBN): AC changes neither the trajectory nor BN statistics."""
+    rank0 = distributed_results(2)[0]
+    run = rank0[key]
+    without = rank0["fsdp2" if key.startswith("fsdp2") else "ddp"]  # same backend, no AC, 10 steps
+    assert run["losses"] == without["losses"][:len(run["losses"])]
+    ref = plain_ac_steps
+    for name, value in ref["params"].items():
+        np.testing.assert_allclose(run["params"][name], value, rtol=1e-8, atol=1e-12, err_msg=name)
+    assert run["bn"].keys() == ref["bn"].keys()
+    for name, stat in ref["bn"].items():
+        np.testing.assert_allclose(run["bn"][name], stat, rtol=1e-8, atol=1e-12, err_msg=name)
