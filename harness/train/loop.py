@@ -78,13 +78,13 @@ def pretrain(cfg: RunConfig) -> RunResult:
                               epoch_length=MIN_BATCHES_PER_EPOCH * cfg.data.batch_size * rt.world_size)
     state = build_state(cfg, rt)
     engine, global_batch = state.engine, global_batch_size(cfg, rt)
+    stage = f" zero_stage={cfg.parallel.zero_stage}" if engine.name == "deepspeed" else ""
+    print(f"harness: rank {rt.rank}/{rt.world_size} on {rt.device}: backend={engine.name}{stage} "
+          f"precision={cfg.parallel.precision} global_batch={global_batch}", flush=True)
     logger = MetricsLogger(run_dir, rt.is_main, cfg.train.tensorboard)
     bar = progress_bar(state.step, cfg.train.iterations, rt.is_main)
     batches, losses, start = _batches(loader, rt.device), [], time.perf_counter()
 
-    stage = f" zero_stage={cfg.parallel.zero_stage}" if engine.name == "deepspeed" else ""
-    print(f"harness: rank {rt.rank}/{rt.world_size} on {rt.device}: backend={engine.name}{stage} "
-          f"precision={cfg.parallel.precision} global_batch={global_batch}", flush=True)
     engine.train()
     for step in range(state.step, cfg.train.iterations):
         tick = time.perf_counter()
