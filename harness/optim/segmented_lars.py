@@ -162,8 +162,7 @@ class SegmentedLARS(LARS):
                 p, g = flat.data, flat.grad.to(flat.dtype)
                 layout.validate(p.numel())
                 ratio, decay_ratio = self._factors(group, layout, p, g)
-                _, lengths = layout.tensors(p.device)
-                owners = layout.tensors(p.device)[0]
+                owners, lengths = layout.tensors(p.device)
                 r = torch.repeat_interleave(ratio[owners].to(p.dtype), lengths, output_size=p.numel())
                 d = g * r
                 d.add_(p * torch.repeat_interleave(decay_ratio[owners].to(p.dtype), lengths, output_size=p.numel()))
