@@ -19,6 +19,17 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
+# MKL's small-GEMM kernels round differently depending on where a weight
+# starts in memory; DeepSpeed ZeRO-1/2 keep parameters as views into one flat
+# buffer at arbitrary offsets, so the same model on the same data would round
+# differently from DDP in its very first forward (1 ulp, measured on the SE
+# layers' 1x1 convolutions) and this chaotic little SwAV turns one ulp into
+# 1e-3 within ten steps. Strict conditional numerical reproducibility makes
+# results independent of alignment, so backends can be compared exactly.
+# Set before the forkserver starts: the ranks inherit it.
+os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -132,13 +132,16 @@ class LARS(torch.optim.Optimizer):
         With a process group (and torch.distributed initialised) the stack is
         all-reduced once, so per-shard sums become full-tensor sums. Every
         tensor of the group is listed even without a gradient, so all ranks
-        issue the same collective. Accumulates in fp32 (fp64 for fp64 tensors)
-        so half-precision tensors do not overflow.
+        issue the same collective. Accumulates in fp64, whatever the tensors'
+        dtype: half-precision tensors cannot overflow, and a norm summed over
+        shards rounds to the same fp32 trust ratio as one over the whole
+        tensor, so every backend and world size takes the same step (fp32
+        sums differ in the last bits, which SwAV amplifies within steps).
         """
         present = [t for t in tensors if t is not None]
         if not present:
             return torch.zeros(len(tensors))
-        acc = torch.float64 if any(t.dtype == torch.float64 for t in present) else torch.float32
+        acc = torch.float64
         device = _local(present[0]).device
         zero = torch.zeros((), dtype=acc, device=device)
         sums = torch.stack([

@@ -15,7 +15,8 @@ attaches a `FlatLayout` to every flat tensor: the run of segments the flat
 is made of (parameter k, or padding) and their lengths. A step then takes
 per-segment sums of squares (`torch.segment_reduce`), adds them per
 parameter, all-reduces ONE stacked [2(n+1)] vector over the data-parallel
-group (VISSL's larc_fsdp trick) and expands the per-parameter ratio back to
+group (VISSL's larc_fsdp trick; in fp64, as `LARS`, so the ratios round
+exactly as DDP's do) and expands the per-parameter ratio back to
 elements with `repeat_interleave`. The arithmetic per element is the one of
 `harness.optim.lars.LARS` (VISSL LARC form: weight decay folded, trust,
 eps, optional clip, SGD momentum), so ZeRO runs match DDP runs.
@@ -119,7 +120,7 @@ class SegmentedLARS(LARS):
         owners, lengths = layout.tensors(p.device)
         wd = group["weight_decay"]
         if group.get("lars_adapt", True):
-            acc = torch.float64 if p.dtype == torch.float64 else torch.float32
+            acc = torch.float64
             sums = torch.zeros(2 * (n + 1), dtype=acc, device=p.device)
             sums.index_add_(0, owners, torch.segment_reduce(p.to(acc).square(), "sum", lengths=lengths))
             sums.index_add_(0, owners + (n + 1), torch.segment_reduce(g.to(acc).square(), "sum", lengths=lengths))

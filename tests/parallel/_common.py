@@ -112,6 +112,13 @@ def fp64_run(rank: int, world: int, backend: str, batch: int, steps: int, *extra
             "bn": bn_stats(engine.method.trunk), "bytes": engine.local_state_bytes()}
 
 
+def fp32_run(rank: int, world: int, backend: str, *extra: str) -> dict:
+    """The cross-backend parity run: PARITY_STEPS fp32 steps, 4 images per rank."""
+    engine = build(make_cfg(backend, 4, *extra), runtime(rank, world))
+    losses = train(engine, make_data(PARITY_STEPS, 4 * world), rank, world)
+    return {"losses": losses, "params": full_params(engine.method.trunk, rank)}
+
+
 def low_precision_run(rank: int, world: int, backend: str, precision: str) -> dict:
     cfg = make_cfg(backend, 4, f"parallel.precision={precision}")
     engine = build(cfg, runtime(rank, world))
@@ -205,6 +212,9 @@ def two_rank_scenarios(rank: int, world: int, output_dir: str) -> dict:
     for key, backend, extra in [("ddp", "ddp", ()), ("fsdp2", "fsdp2", ()),
                                 ("fsdp2_zero2", "fsdp2", ("parallel.reshard_after_forward=false",))]:
         out[key] = fp64_run(rank, world, backend, 4, PARITY_STEPS, *extra)
+    for key, backend, extra in [("ddp_fp32", "ddp", ()), ("fsdp2_fp32", "fsdp2", ()),
+                                ("fsdp2_zero2_fp32", "fsdp2", ("parallel.reshard_after_forward=false",))]:
+        out[key] = fp32_run(rank, world, backend, *extra)
     out["fsdp2_ac_block"] = fp64_run(rank, world, "fsdp2", 4, AC_STEPS, *AC_BLOCK)
     out["fsdp2_ac_segments"] = fp64_run(rank, world, "fsdp2", 4, AC_STEPS, *AC_SEGMENTS)
     out["ddp_ac_segments"] = fp64_run(rank, world, "ddp", 4, AC_STEPS, *AC_SEGMENTS)
