@@ -1,4 +1,4 @@
-"""`harness` command line: pretrain, models, config.
+"""`harness` command line: pretrain, models, plan, profile, report, config.
 
 Subcommands import their heavy dependencies lazily so that `harness config
 show` and `harness models` answer quickly.
@@ -61,6 +61,106 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _format_plan(points: list, top: int) -> str:
+    from harness.profiling.records import GIB
+
+    rows = [f"{'strategy':18s} {'AC':3s} {'micro x accum':>13s} {'peak GiB':>9s} {'headroom':>9s} "
+            f"{'step s':>7s} {'img/s/GPU':>9s}  fits"]
+    for p in points[:top]:
+        s = p.strategy
+        rows.append(f"{s.label:18s} {'on' if s.activation_checkpointing else 'off':3s} "
+                    f"{f'{s.micro_batch} x {s.grad_accum}':>13s} {p.memory.peak / GIB:9.2f} "
+                    f"{p.headroom / GIB:9.2f} {p.time.step:7.3f} {p.time.images_per_second:9.2f}  "
+                    f"{'yes' if p.fits else 'no'}")
+    return "\n".join(rows)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    import json
+
+    from harness.config import load_config
+    from harness.profiling.devices import get_device
+    from harness.profiling.planner import best, search
+
+    cfg = load_config(args.config, args.overrides)
+    device = get_device(args.device)
+    points = search(cfg, device, args.gpus, progress=not args.json)
+    if args.json:
+        print(json.dumps([p.to_dict() for p in points], indent=1))
+        return 0
+    choice = best(points)
+    print(f"{cfg.name}: {args.gpus} x {device.name}, {cfg.data.batch_size * cfg.train.grad_accum} images per GPU "
+          f"per step, crops {' + '.join(f'{c.count}x{c.size}' for c in cfg.data.crops)}")
+    print(_format_plan(points, args.top))
+    if choice is None:
+        print("nothing fits: try more GPUs, a smaller micro-batch, or a device with more memory")
+        return 1
+    s = choice.strategy
+    print(f"best: {s.label}, activation checkpointing {'on' if s.activation_checkpointing else 'off'}, "
+          f"micro-batch {s.micro_batch} x {s.grad_accum}: {choice.time.images_per_second:.2f} images/s per GPU, "
+          f"{choice.days_for(1e9):.1f} days for 1B images ({choice.headroom / 2**30:.1f} GiB headroom)")
+    return 0
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    from harness.config import load_config
+    from harness.config.validate import validate
+    from harness.parallel.launchers import apply_launch_request, detect_launch
+    from harness.profiling.measure import profile
+    from harness.profiling.records import GIB
+
+    cfg = load_config(args.config, args.overrides)
+    cfg = apply_launch_request(cfg, detect_launch(), explicit=args.overrides)
+    validate(cfg)
+    points = profile(cfg, steps=args.steps, warmup=args.warmup, device_name=args.device,
+                     trace_dir=args.trace, memory_snapshot=args.memory_snapshot)
+    if len(points) < max(1, points[0].world_size):
+        return 0  # not rank 0
+    print(f"{'rank':>4s} {'peak GiB':>9s} {'params':>7s} {'grads':>7s} {'optim':>7s} {'acts':>7s} {'temps':>7s} "
+          f"{'step s':>8s} {'fwd':>7s} {'bwd':>7s} {'opt':>7s} {'img/s':>7s} {'MFU':>6s}")
+    for rank, p in enumerate(points):
+        m, t = p.memory, p.time
+        print(f"{rank:4d} {m.peak / GIB:9.3f} {m.params / GIB:7.3f} {m.grads / GIB:7.3f} {m.optimizer / GIB:7.3f} "
+              f"{m.activations / GIB:7.3f} {m.temporaries / GIB:7.3f} {t.step:8.4f} {t.forward:7.4f} "
+              f"{t.backward:7.4f} {t.optimizer:7.4f} {t.images_per_second:7.2f} "
+              f"{'' if t.mfu is None else f'{t.mfu:.1%}':>6s}")
+    try:
+        from harness.profiling.devices import get_device
+        from harness.profiling.planner import predict
+
+        device = get_device(args.device or points[0].device)
+        pred = predict(cfg, points[0].strategy, device, points[0].world_size)
+        print(f"predicted: peak {pred.memory.peak / GIB:.3f} GiB (measured rank 0: "
+              f"{points[0].memory.peak / GIB:.3f}), step {pred.time.step:.4f} s on {device.name}")
+    except ValueError as err:
+        print(f"no prediction: {err}")
+    if args.out:
+        from harness.profiling.report import write_points_json
+
+        print(f"wrote {write_points_json(points, args.out)}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from harness.config import load_config
+    from harness.profiling.devices import get_device
+    from harness.profiling.planner import sweep
+    from harness.profiling.report import headline_table, read_points, write_report
+
+    worlds = [int(x) for x in args.gpus.split(",")]
+    points = []
+    for preset in args.configs:
+        cfg = load_config(preset, args.overrides)
+        for name in args.devices:
+            points.extend(sweep(cfg, get_device(name), worlds))
+    for path in args.measured or []:
+        points.extend(p.with_source("measured") for p in read_points(path))
+    paths = write_report(points, args.out, title=args.title)
+    print(headline_table(points))
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="harness", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -73,6 +173,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("names", nargs="*", help="only these models")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("plan", help="predict memory and speed per GPU; list the strategies that fit")
+    _add_config_args(p)
+    p.add_argument("--device", default="v100-32gb", help="device profile (v100-32gb, a100-40gb, a100-80gb, "
+                   "h100-80gb, h200-141gb, cpu) or a YAML file")
+    p.add_argument("--gpus", type=int, default=8, help="number of GPUs (ranks)")
+    p.add_argument("--top", type=int, default=15, help="rows to show")
+    p.add_argument("--json", action="store_true", help="every prediction as JSON")
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("profile", help="measure real steps per rank: memory by category, time split, MFU")
+    _add_config_args(p)
+    p.add_argument("--steps", type=int, default=5, help="measured steps (after warm-up)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--device", help="device profile for MFU and the prediction (default: detected)")
+    p.add_argument("--trace", metavar="DIR", help="torch.profiler chrome trace per rank")
+    p.add_argument("--memory-snapshot", metavar="DIR", help="CUDA memory snapshot per rank")
+    p.add_argument("--out", metavar="FILE", help="write the measured points (JSON, for `harness report --measured`)")
+    p.set_defaults(func=cmd_profile)
+
+    p = sub.add_parser("report", help="scaling report: sweep GPU counts, write JSON/CSV/Markdown and plots")
+    p.add_argument("--configs", nargs="+", default=["quickstart"], help="presets or YAML paths")
+    p.add_argument("--devices", nargs="+", default=["v100-32gb"])
+    p.add_argument("--gpus", default="8,16,32,64,128,256,512", help="comma-separated GPU counts")
+    p.add_argument("--measured", nargs="*", help="points.json files of measured runs to plot beside")
+    p.add_argument("--out", default="report", help="output folder")
+    p.add_argument("--title", default="harness scaling report")
+    p.add_argument("overrides", nargs="*", metavar="key.path=value", help="applied to every config")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("config", help="list presets or show a fully resolved config")
     csub = p.add_subparsers(dest="action", required=True)

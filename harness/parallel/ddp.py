@@ -12,6 +12,10 @@ already identical on all ranks, and under grouped SyncBN each group tracks
 its own statistics, as in SEER/VISSL (a checkpoint keeps rank 0's). Buffers
 start equal because every rank builds the model from the same seed, and
 DDP's constructor broadcasts parameters AND buffers from rank 0 once.
+
+gradient_as_bucket_view=True: gradients live in DDP's communication buckets
+instead of beside them, which saves one model's worth of fp32 memory per
+rank (and is what the capacity planner assumes).
 """
 
 from __future__ import annotations
@@ -39,4 +43,4 @@ def apply_ddp(method: SwAV, rt: Runtime, cfg: RunConfig) -> nn.Module:
     if cfg.parallel.activation_checkpointing:
         apply_activation_checkpointing(method.trunk, cfg)
     device_ids = [rt.device.index] if rt.device.type == "cuda" else None
-    return DistributedDataParallel(method, device_ids=device_ids, broadcast_buffers=False)
+    return DistributedDataParallel(method, device_ids=device_ids, broadcast_buffers=False, gradient_as_bucket_view=True)

@@ -82,8 +82,25 @@ def _fill_auto(ds: dict[str, Any], cfg: RunConfig, world_size: int) -> None:
                               "data.batch_size, train.grad_accum and the world size): set it to \"auto\"")
 
 
-def deepspeed_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
-    """The DeepSpeed config dict: cfg.parallel.deepspeed_config (checked, "auto" filled) or built from cfg."""
+BUCKET_ELEMENTS = 50_000_000  # 200 MB of fp32 per bucket; DeepSpeed's 5e8 default is sized for LLMs
+_BUCKET_KEYS = ("reduce_bucket_size", "allgather_bucket_size", "stage3_prefetch_bucket_size")
+
+
+def _fill_buckets(zero: dict[str, Any], params: Optional[int]) -> None:
+    """Bucket sizes left "auto" (or absent, for configs built here): BUCKET_ELEMENTS, or the
+    model's parameter count when smaller. DeepSpeed allocates a whole reduce bucket whatever the
+    model size (2 GB of fp32 at its default), which would dwarf a small model's states."""
+    size = BUCKET_ELEMENTS if params is None else max(1, min(BUCKET_ELEMENTS, int(params)))
+    for key in _BUCKET_KEYS:
+        if zero.get(key, "auto") == "auto":
+            zero[key] = size
+
+
+def deepspeed_config(cfg: RunConfig, world_size: int, params: Optional[int] = None) -> dict[str, Any]:
+    """The DeepSpeed config dict: cfg.parallel.deepspeed_config (checked, "auto" filled) or built from cfg.
+
+    `params` (the model's parameter count) sizes "auto" buckets; the capacity
+    planner calls this too, so its predictions follow the same config."""
     par = cfg.parallel
     if par.zero_stage not in (1, 2, 3):
         raise ConfigError(f"parallel.zero_stage={par.zero_stage}: the deepspeed backend runs ZeRO stage 1, 2 or 3")
@@ -120,6 +137,7 @@ def deepspeed_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
         raise ConfigError("deepspeed_config gradient_clipping > 0: SEER's LARS runs without clipping of the "
                           "global norm; set it to 0")
     _fill_auto(ds, cfg, world_size)
+    _fill_buckets(ds.setdefault("zero_optimization", {}), params)
     return ds
 
 
@@ -234,7 +252,7 @@ class ZeroEngine(Engine):
     def __init__(self, method: SwAV, cfg: RunConfig, rt: Runtime, lr: float) -> None:
         super().__init__(method, cfg, rt)
         check_precision_supported(cfg.parallel.precision, rt.device)
-        self.ds_config = deepspeed_config(cfg, rt.world_size)
+        self.ds_config = deepspeed_config(cfg, rt.world_size, sum(p.numel() for p in method.parameters()))
         self.stage = int(self.ds_config["zero_optimization"]["stage"])
         if rt.device.type == "cpu" and _enabled(self.ds_config.get("fp16")):
             raise ConfigError(f"{cfg.parallel.deepspeed_config} uses DeepSpeed's fp16 mode, which its CPU "

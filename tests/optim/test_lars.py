@@ -15,7 +15,6 @@ Worked example used below (float64, eps=0):
 
 from __future__ import annotations
 
-import copy
 import io
 
 import pytest

@@ -1,0 +1,163 @@
+"""`harness plan`: will this config fit, under which backend, and how fast will it go?
+
+A prediction is one `Point`: memory from `memory_model` (arithmetic model
+states + a fake-tensor step for activations), time from `timing` (FLOPs and
+communication against a `DeviceProfile`). `search` enumerates the strategies
+a SEER user would consider (backend, activation checkpointing, micro-batch
+with accumulation to keep the global batch, SyncBN group) and ranks those
+that fit by predicted throughput. Nothing here touches a GPU or allocates
+model memory, so a 10B model is planned on a laptop.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import replace
+from typing import Iterable, Optional
+
+from harness.config.schema import RunConfig
+from harness.profiling.devices import DeviceProfile, supports
+from harness.profiling.memory_model import model_states, shapes, step_activations, transient
+from harness.profiling.records import MemoryBreakdown, Point, Strategy, apply_strategy
+from harness.profiling.timing import predict_time
+
+FP32, FP64 = 4, 8
+
+#: The backends `search` tries, as strategies without batch/numerics fields.
+BACKENDS: tuple[Strategy, ...] = (
+    Strategy(backend="ddp"),
+    Strategy(backend="fsdp2"),
+    Strategy(backend="fsdp2", reshard_after_forward=False),
+    Strategy(backend="fsdp2", shard_group_size=8),
+    Strategy(backend="deepspeed", zero_stage=1),
+    Strategy(backend="deepspeed", zero_stage=2),
+    Strategy(backend="deepspeed", zero_stage=3),
+    Strategy(backend="deepspeed", zero_stage=3, cpu_offload=True),
+    Strategy(backend="fairscale"),
+)
+
+
+def optimizer_temporaries(cfg: RunConfig, strategy: Strategy, world: int) -> int:
+    """Scratch of one optimizer step. LARS works tensor by tensor (the update and the
+    decay term, plus an fp64 copy for the norm). Under ZeRO, fitted to deepspeed 0.19.8
+    runs measured at 1, 2 and 4 ranks (profiling/memory_accuracy.py): stage 1/2 hold the
+    fp32 gradient partition handed to the optimizer plus SegmentedLARS's four
+    partition-sized temporaries (expanded ratio, update, expanded decay, decay term);
+    stage 3 holds two gathered copies of the parameters and four partition temporaries."""
+    from harness.profiling.memory_model import _ds_config, _zero_weight_bytes
+
+    s = shapes(apply_strategy(cfg, strategy))
+    if strategy.backend == "deepspeed":
+        part = -(-s.params // world)
+        if strategy.zero_stage == 3:
+            weight = _zero_weight_bytes(_ds_config(apply_strategy(cfg, strategy), world))
+            return 2 * s.params * weight + (0 if strategy.cpu_offload else 4 * part * FP32)
+        return 0 if strategy.cpu_offload else 5 * part * FP32
+    if strategy.cpu_offload:
+        return 0
+    largest = max(n for n, _ in s.tensors)
+    if strategy.backend in ("fsdp2", "fairscale"):
+        largest = -(-largest // (strategy.shard_group_size or world))
+    return largest * (2 * FP32 + FP64)
+
+
+def predict_memory(cfg: RunConfig, strategy: Strategy, world: int) -> MemoryBreakdown:
+    """Per-rank memory at the peak of a steady-state step (optimizer state allocated).
+
+    Two candidate peaks: inside backward (activations still alive, the
+    recompute's temporaries, the gradients produced so far, the backend's
+    gathered units) and inside the optimizer step (all gradients plus its
+    scratch). DDP's gradients live in its buckets all the time; the other
+    backends produce theirs during backward (the fake step says how many
+    exist at its peak). SwAV runs the trunk once per crop resolution, so a
+    parameter's gradient is complete only when backward reaches its first
+    use: near the end of backward nearly all full-size gradients are alive
+    at once, whatever the sharding.
+    """
+    mem = model_states(cfg, strategy, world)
+    acts = step_activations(cfg, strategy)
+    extra = transient(cfg, strategy, world)
+    persistent = mem.params + mem.optimizer + mem.comm_buffers
+    # autograd produces full-size gradients under every backend; sharding happens after
+    grads_then = int(acts.grads_alive * shapes(apply_strategy(cfg, strategy)).params * FP32)
+    if strategy.backend == "ddp":  # plus DDP's buckets, allocated for good
+        grads_then += mem.grads
+    elif strategy.backend == "fairscale":
+        # fairscale reduce-scatters each gradient as autograd accumulates it (its post-backward
+        # hook runs per use) and frees the full one: only a unit's worth is ever in flight
+        # (fairscale's design; not measured here, fairscale needs CUDA)
+        s = shapes(apply_strategy(cfg, strategy))
+        grads_then = int(acts.grads_alive * mem.grads) + max(sum(s.tensors[i][0] for i in u)
+                                                              for u in s.units) * FP32
+    backward_peak = acts.activations + acts.temporaries + grads_then + extra
+    optimizer_peak = mem.grads + optimizer_temporaries(cfg, strategy, world)
+    mem.activations = acts.activations
+    mem.temporaries = max(backward_peak - acts.activations - grads_then, optimizer_peak - mem.grads)
+    mem.peak = persistent + max(backward_peak, optimizer_peak)
+    return mem
+
+
+def predict(cfg: RunConfig, strategy: Strategy, device: DeviceProfile, world: int) -> Point:
+    """One prediction; the model name is the config's trunk."""
+    if not supports(device, strategy.precision):
+        raise ValueError(f"{device.name} has no {strategy.precision}: use "
+                         f"{', '.join(sorted(device.peak_tflops))} (parallel.precision)")
+    run = apply_strategy(cfg, strategy)
+    memory = predict_memory(cfg, strategy, world)
+    time = predict_time(run, strategy, device, world)
+    notes = []
+    if strategy.backend == "fairscale":
+        notes.append("fairscale modelled as FSDP2 with resharding (flatten off, as SEER-10B)")
+    return Point(model=cfg.name or cfg.model.arch, strategy=strategy, device=device.name, world_size=world,
+                 memory=memory, time=time, device_memory=device.memory_bytes, notes=notes)
+
+
+def candidate_strategies(cfg: RunConfig, device: DeviceProfile, world: int,
+                         backends: Iterable[Strategy] = BACKENDS) -> list[Strategy]:
+    """Backends x checkpointing x micro-batch (the config's, half and a quarter, with
+    accumulation keeping the images per step) for this config's precision (fp16 where
+    the device lacks it). Each micro-batch size costs one fake step per checkpointing mode."""
+    base = Strategy.from_config(cfg)
+    precision = base.precision if supports(device, base.precision) else "fp16"
+    batch = base.micro_batch * base.grad_accum
+    micro = sorted({m for m in (batch, batch // 2, batch // 4) if m >= 1 and batch % m == 0}, reverse=True)
+    out = []
+    for backend, ac, mb in itertools.product(backends, (False, True), micro):
+        if backend.shard_group_size and (backend.shard_group_size >= world or world % backend.shard_group_size):
+            continue
+        if world == 1 and backend.backend != "ddp":
+            continue
+        out.append(replace(backend, activation_checkpointing=ac, precision=precision, micro_batch=mb,
+                           grad_accum=batch // mb, syncbn_group_size=base.syncbn_group_size))
+    return out
+
+
+def search(cfg: RunConfig, device: DeviceProfile, world: int,
+           backends: Iterable[Strategy] = BACKENDS, progress: bool = False) -> list[Point]:
+    """Every candidate predicted; fitting ones first, fastest first, then the rest by peak."""
+    candidates = candidate_strategies(cfg, device, world, backends)
+    if progress:
+        from tqdm import tqdm
+
+        candidates = tqdm(candidates, desc=f"plan {cfg.name} on {world} x {device.name}", unit="config")
+    points = [predict(cfg, s, device, world) for s in candidates]
+    return sorted(points, key=lambda p: (not p.fits, -p.time.images_per_second if p.fits else p.memory.peak))
+
+
+def best(points: list[Point]) -> Optional[Point]:
+    fitting = [p for p in points if p.fits]
+    return fitting[0] if fitting else None
+
+
+def sweep(cfg: RunConfig, device: DeviceProfile, world_sizes: Iterable[int],
+          backends: Iterable[Strategy] = BACKENDS) -> list[Point]:
+    """Per world size and backend label, the best strategy: the fastest that fits, else
+    the one with the lowest peak (so a report shows by how much it misses)."""
+    backends = tuple(backends)
+    out: list[Point] = []
+    for world in world_sizes:
+        by_label: dict[str, list[Point]] = {}
+        for point in search(cfg, device, world, backends):
+            by_label.setdefault(point.strategy.label, []).append(point)
+        out.extend(points[0] for points in by_label.values())  # search's order: best first
+    return out
