@@ -107,7 +107,8 @@ def predict(cfg: RunConfig, strategy: Strategy, device: DeviceProfile, world: in
     time = predict_time(run, strategy, device, world)
     notes = []
     if strategy.backend == "fairscale":
-        notes.append("fairscale modelled as FSDP2 with resharding (flatten off, as SEER-10B)")
+        notes.append("fairscale: units from its auto-wrap plan, gradients reduce-scattered as they are "
+                     "accumulated (its design); not measured here (fairscale needs CUDA)")
     return Point(model=cfg.name or cfg.model.arch, strategy=strategy, device=device.name, world_size=world,
                  memory=memory, time=time, device_memory=device.memory_bytes, notes=notes)
 
