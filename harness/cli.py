@@ -64,12 +64,14 @@ def cmd_config(args: argparse.Namespace) -> int:
 def _format_plan(points: list, top: int) -> str:
     from harness.profiling.records import GIB
 
-    rows = [f"{'strategy':18s} {'AC':3s} {'micro x accum':>13s} {'peak GiB':>9s} {'headroom':>9s} "
+    rows = [f"{'strategy':18s} {'AC':3s} {'micro x accum':>13s} {'SyncBN':>6s} {'peak GiB':>9s} {'headroom':>9s} "
             f"{'step s':>7s} {'img/s/GPU':>9s}  fits"]
     for p in points[:top]:
         s = p.strategy
         rows.append(f"{s.label:18s} {'on' if s.activation_checkpointing else 'off':3s} "
-                    f"{f'{s.micro_batch} x {s.grad_accum}':>13s} {p.memory.peak / GIB:9.2f} "
+                    f"{f'{s.micro_batch} x {s.grad_accum}':>13s} "
+                    f"{({0: 'all', -1: 'node'}).get(s.syncbn_group_size, str(s.syncbn_group_size)):>6s} "
+                    f"{p.memory.peak / GIB:9.2f} "
                     f"{p.headroom / GIB:9.2f} {p.time.step:7.3f} {p.time.images_per_second:9.2f}  "
                     f"{'yes' if p.fits else 'no'}")
     return "\n".join(rows)
@@ -96,8 +98,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
         print("nothing fits: try more GPUs, a smaller micro-batch, or a device with more memory")
         return 1
     s = choice.strategy
+    group = {0: "all ranks", -1: "one node"}.get(s.syncbn_group_size, f"{s.syncbn_group_size} ranks")
     print(f"best: {s.label}, activation checkpointing {'on' if s.activation_checkpointing else 'off'}, "
-          f"micro-batch {s.micro_batch} x {s.grad_accum}: {choice.time.images_per_second:.2f} images/s per GPU, "
+          f"micro-batch {s.micro_batch} x {s.grad_accum}, SyncBN over {group}: "
+          f"{choice.time.images_per_second:.2f} images/s per GPU, "
           f"{choice.days_for(1e9):.1f} days for 1B images ({choice.headroom / 2**30:.1f} GiB headroom)")
     return 0
 

@@ -4,7 +4,8 @@ A prediction is one `Point`: memory from `memory_model` (arithmetic model
 states + a fake-tensor step for activations), time from `timing` (FLOPs and
 communication against a `DeviceProfile`). `search` enumerates the strategies
 a SEER user would consider (backend, activation checkpointing, micro-batch
-with accumulation to keep the global batch, SyncBN group) and ranks those
+with accumulation to keep the global batch, SyncBN group: the config's, a
+node, all ranks) and ranks those
 that fit by predicted throughput. Nothing here touches a GPU or allocates
 model memory, so a 10B model is planned on a laptop.
 """
@@ -122,14 +123,17 @@ def candidate_strategies(cfg: RunConfig, device: DeviceProfile, world: int,
     precision = base.precision if supports(device, base.precision) else "fp16"
     batch = base.micro_batch * base.grad_accum
     micro = sorted({m for m in (batch, batch // 2, batch // 4) if m >= 1 and batch % m == 0}, reverse=True)
+    # SyncBN groups: the config's, one node (-1) and every rank (0); memory is the same,
+    # the latency of BN's collectives is not
+    syncbn = [base.syncbn_group_size] + [g for g in (-1, 0) if g != base.syncbn_group_size and world > 1]
     out = []
-    for backend, ac, mb in itertools.product(backends, (False, True), micro):
+    for backend, ac, mb, group in itertools.product(backends, (False, True), micro, syncbn):
         if backend.shard_group_size and (backend.shard_group_size >= world or world % backend.shard_group_size):
             continue
         if world == 1 and backend.backend != "ddp":
             continue
         out.append(replace(backend, activation_checkpointing=ac, precision=precision, micro_batch=mb,
-                           grad_accum=batch // mb, syncbn_group_size=base.syncbn_group_size))
+                           grad_accum=batch // mb, syncbn_group_size=group))
     return out
 
 

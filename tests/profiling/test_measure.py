@@ -66,3 +66,16 @@ def test_profile_refuses_zero_warmup():
 
     with pytest.raises(ValueError, match="warmup >= 1"):
         profile(load_config("quickstart", TINY), steps=2, warmup=0)
+
+
+def test_profile_writes_a_trace(tmp_path):
+    import json
+
+    from harness.config import load_config
+    from harness.profiling.measure import profile
+
+    torch.set_num_threads(1)
+    (point,) = profile(load_config("quickstart", TINY), steps=2, warmup=1, trace_dir=str(tmp_path))
+    trace = json.loads((tmp_path / "rank0.json").read_text())
+    names = {e.get("name", "") for e in trace["traceEvents"]}
+    assert any("conv" in n for n in names) and point.time.step > 0
