@@ -77,15 +77,35 @@ def _format_plan(points: list, top: int) -> str:
     return "\n".join(rows)
 
 
+def _devices(names: list[str]) -> list:
+    """Device profiles by name, checked before any planning work; a bad name is a usage error."""
+    from harness.profiling.devices import get_device
+
+    try:
+        return [get_device(name) for name in names]
+    except ValueError as err:
+        raise ConfigError(f"{err} (see --device)") from err
+
+
+def _gpu_counts(text: str) -> list[int]:
+    try:
+        counts = [int(x) for x in str(text).split(",")]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1:
+        raise ConfigError(f"--gpus {text!r}: give positive GPU counts, e.g. --gpus 512 or --gpus 8,64,512")
+    return counts
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     import json
 
     from harness.config import load_config
-    from harness.profiling.devices import get_device
     from harness.profiling.planner import best, search
 
+    (device,), (gpus,) = _devices([args.device]), _gpu_counts(args.gpus)
     cfg = load_config(args.config, args.overrides)
-    device = get_device(args.device)
+    args.gpus = gpus
     points = search(cfg, device, args.gpus, progress=not args.json)
     if args.json:
         print(json.dumps([p.to_dict() for p in points], indent=1))
@@ -147,16 +167,15 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from harness.config import load_config
-    from harness.profiling.devices import get_device
     from harness.profiling.planner import sweep
     from harness.profiling.report import headline_table, read_points, write_report
 
-    worlds = [int(x) for x in args.gpus.split(",")]
+    worlds, devices = _gpu_counts(args.gpus), _devices(args.devices)
+    configs = [load_config(preset, args.overrides) for preset in args.configs]
     points = []
-    for preset in args.configs:
-        cfg = load_config(preset, args.overrides)
-        for name in args.devices:
-            points.extend(sweep(cfg, get_device(name), worlds))
+    for cfg in configs:
+        for device in devices:
+            points.extend(sweep(cfg, device, worlds))
     for path in args.measured or []:
         points.extend(p.with_source("measured") for p in read_points(path))
     paths = write_report(points, args.out, title=args.title)
@@ -182,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--device", default="v100-32gb", help="device profile (v100-32gb, a100-40gb, a100-80gb, "
                    "h100-80gb, h200-141gb, cpu) or a YAML file")
-    p.add_argument("--gpus", type=int, default=8, help="number of GPUs (ranks)")
+    p.add_argument("--gpus", default="8", help="number of GPUs (ranks)")
     p.add_argument("--top", type=int, default=15, help="rows to show")
     p.add_argument("--json", action="store_true", help="every prediction as JSON")
     p.set_defaults(func=cmd_plan)

@@ -58,3 +58,13 @@ def test_models_table_is_human_readable():
 def test_module_entry_points_start(entry):
     out = subprocess.run([sys.executable, *entry], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "key.path=value" in out.stdout
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["plan", "--device", "z100"], "unknown device 'z100'"),
+    (["plan", "--gpus", "0"], "give positive GPU counts"),
+    (["report", "--gpus", "8,x"], "give positive GPU counts"),
+])
+def test_planner_commands_refuse_bad_input_before_work(argv, message, capsys):
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
