@@ -5,7 +5,7 @@ sizes x activation checkpointing off/on. Prints one row per case with the
 relative error of each state category and of the peak, against the fullest
 rank (the one that would run out of memory first).
 
-    .venv/bin/python profiling/memory_accuracy.py [--worlds 1,2,4]
+    .venv/bin/python profiling/memory_accuracy.py [--worlds 1,2,4] [--backend zero]
 """
 
 from __future__ import annotations
@@ -25,11 +25,11 @@ BACKENDS = [Strategy(backend="ddp"), Strategy(backend="fsdp2"), Strategy(backend
             Strategy(backend="deepspeed", zero_stage=3)]
 
 
-def cases() -> list:
+def cases(backend: str = "") -> list:
     from dataclasses import replace
 
     return [(m, replace(b, precision="fp32", micro_batch=4, activation_checkpointing=ac))
-            for m, b, ac in itertools.product(MODELS, BACKENDS, (False, True))]
+            for m, b, ac in itertools.product(MODELS, BACKENDS, (False, True)) if backend in b.label]
 
 
 def rel(pred: float, meas: float) -> float:
@@ -41,12 +41,13 @@ def main() -> int:
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--worlds", default="1,2,4")
+    parser.add_argument("--backend", default="", help="only strategies whose label contains this (e.g. zero3)")
     args = parser.parse_args()
     print(f"{'model':14s} {'strategy':16s} {'AC':3s} {'N':>2s} | {'params':>7s} {'grads':>7s} {'optim':>7s} "
           f"{'peak':>7s} | measured peak MiB")
     worst = {"states": 0.0, "peak": 0.0}
     for world in (int(w) for w in args.worlds.split(",")):
-        rows = fullest_rank(run_distributed(measure_and_predict, world, cases(), timeout=1800))
+        rows = fullest_rank(run_distributed(measure_and_predict, world, cases(args.backend), timeout=1800))
         for r in rows:
             m, p = r["measured"], r["predicted"]
             errs = [rel(p[k], m[k]) for k in ("params", "grads", "optimizer", "peak")]

@@ -21,7 +21,10 @@ in a forward hook, so recomputes run to the end of the segment
 (`set_checkpoint_early_stop(False)`): torch's early stop would abort the
 recompute inside a BN whose hook then never fires.
 
-Under FSDP2, apply this BEFORE fully_shard (as torchtitan does): a block
+Every backend applies it before wrapping: DDP, ZeRO (torch's checkpoint
+under DeepSpeed's module hooks: ZeRO-3 re-gathers a unit for its
+recompute), fairscale (which replaces blocks by wrappers afterwards, hence
+the blocks are looked up at each call). Under FSDP2, apply this BEFORE fully_shard (as torchtitan does): a block
 recomputed inside its own unit's backward finds the unit already unsharded
 and FSDP2 skips its forward hooks, so no extra all-gather happens;
 `segments()` tells apply_fsdp2 which blocks share a unit.
@@ -66,14 +69,14 @@ def segments(depths: Sequence[int], stage_checkpoints: Optional[list[list[int]]]
 def _stage_forward(stage: nn.Sequential, plan: list[Segment]):
     """A forward for `stage` running the planned segments under checkpoint."""
     starts = {a: b for a, b in plan}
-    blocks = list(stage.children())
 
     def run(x: Tensor, a: int, b: int) -> Tensor:
-        for block in blocks[a:b]:
+        for block in list(stage.children())[a:b]:
             x = block(x)
         return x
 
     def forward(x: Tensor) -> Tensor:
+        blocks = list(stage.children())  # looked up per call: fairscale wraps blocks after this is set
         i = 0
         while i < len(blocks):
             if i in starts and stage.training:

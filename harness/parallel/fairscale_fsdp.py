@@ -10,14 +10,16 @@ every BatchNorm and the prototypes in their own fp32 units (fairscale's
 fairscale's ShardedGradScaler (inf checks agree across ranks).
 
 fairscale FSDP has no CPU path, so `apply_fairscale` refuses a non-CUDA
-device before anything is built. The CUDA path could not be run where it
-was written (no GPU): it follows fairscale 0.4.13's API.
+device before anything is built. On an H100 (torch 2.11) the first version
+stopped in fairscale's ``auto_wrap``, which asserts on BN units wrapped
+before it; units are now placed by `wrap_by_plan`, which has not yet run on
+a GPU (the lease was spent; its CPU test uses a stand-in wrapper).
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -43,12 +45,15 @@ def require_cuda(device: torch.device) -> None:
 
 
 def wrap_plan(module: nn.Module, min_params: int) -> list[str]:
-    """Names of the submodules fairscale's ``auto_wrap`` with ``default_auto_wrap_policy``
-    (min_num_params=min_params) would wrap, BN excluded (wrapped on its own in fp32).
+    """Names of the submodules to wrap in their own unit, inner ones first: fairscale's
+    ``default_auto_wrap_policy`` (min_num_params=min_params) applied as its
+    ``auto_wrap`` recursion applies it, BN excluded (wrapped on its own in fp32).
 
-    Mirrors fairscale's ``_recursive_wrap`` so the plan can be checked on a meta-device
-    model without CUDA: recurse into a module while its unwrapped parameter count reaches
-    the threshold, wrap a non-root module whose remainder still does.
+    `apply_fairscale` wraps by this list rather than calling ``auto_wrap``, which
+    asserts on a tree that already holds units (the BN ones); the planner reads the
+    same list on a meta-device model, so what it models is what runs. Recurse into a
+    module while its unwrapped parameter count reaches the threshold, wrap a non-root
+    module whose remainder still does.
     """
     from fairscale.nn.wrap.auto_wrap import default_auto_wrap_policy
 
@@ -88,25 +93,37 @@ def apply_fairscale(method: SwAV, cfg: RunConfig, rt: Runtime) -> nn.Module:
     check_precision_supported(cfg.parallel.precision, rt.device)
     from fairscale.nn.data_parallel import FullyShardedDataParallel as FSDP
     from fairscale.nn.data_parallel.fully_sharded_data_parallel import auto_wrap_bn
-    from fairscale.nn.wrap import auto_wrap, enable_wrap
 
+    from harness.parallel.checkpointing import apply_activation_checkpointing
     from harness.parallel.syncbn import convert_syncbn
 
     if rt.world_size > 1:
         method.trunk = convert_syncbn(method.trunk, cfg.parallel.syncbn_group_size)
+    if cfg.parallel.activation_checkpointing:
+        apply_activation_checkpointing(method.trunk, cfg)
     kwargs = _fsdp_kwargs(cfg)
     fp32_unit = {**kwargs, "mixed_precision": False, "compute_dtype": torch.float32, "fp32_reduce_scatter": False}
+    # The plan first, on the bare model: fairscale's auto_wrap asserts on children that are
+    # already FSDP units, and BN must be wrapped before its block (seen on an H100).
+    plan = [n for n in wrap_plan(method, cfg.parallel.wrap_min_params) if n.split(".")[0] != "prototypes"]
     # BN in fp32 units over the full group (SyncBN still syncs over its own groups)
     method.trunk = auto_wrap_bn(method.trunk, single_rank_pg=False, fsdp_config=fp32_unit)
     method.head = auto_wrap_bn(method.head, single_rank_pg=False, fsdp_config=fp32_unit)
     method.prototypes = FSDP(method.prototypes, **fp32_unit)
-    from fairscale.nn.wrap.auto_wrap import default_auto_wrap_policy
-
-    policy = functools.partial(default_auto_wrap_policy, min_num_params=cfg.parallel.wrap_min_params)
-    with enable_wrap(wrapper_cls=FSDP, **kwargs):
-        method.trunk = auto_wrap(method.trunk, auto_wrap_policy=policy)
-        method.head = auto_wrap(method.head, auto_wrap_policy=policy)
+    wrap_by_plan(method, plan, lambda m: FSDP(m, **kwargs))
     return FSDP(method, **kwargs)
+
+
+def wrap_by_plan(root: nn.Module, plan: list[str], wrap: Callable[[nn.Module], nn.Module]) -> None:
+    """Replace each planned submodule of `root` by `wrap(submodule)`, in the plan's order.
+
+    `wrap_plan` lists inner modules before the modules holding them, so a
+    path is always resolved before anything on it is wrapped.
+    """
+    for name in plan:
+        parent_name, _, attr = name.rpartition(".")
+        parent = root.get_submodule(parent_name) if parent_name else root
+        setattr(parent, attr, wrap(getattr(parent, attr)))
 
 
 class FairscaleEngine(TorchEngine):

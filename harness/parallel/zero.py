@@ -262,6 +262,10 @@ class ZeroEngine(Engine):
             from harness.parallel.syncbn import convert_syncbn
 
             method.trunk = convert_syncbn(method.trunk, cfg.parallel.syncbn_group_size)
+        if cfg.parallel.activation_checkpointing:  # as DDP: SyncBN, then checkpointing, then the wrapper
+            from harness.parallel.checkpointing import apply_activation_checkpointing
+
+            apply_activation_checkpointing(method.trunk, cfg)
         ds = import_deepspeed(rt.device)
         self._ds = ds
         self.optimizer = build_segmented_optimizer(method, cfg, lr)

@@ -89,6 +89,8 @@ class DeviceProfile:
     fp32_efficiency: Optional[float] = None  # fraction of the fp32 peak; None: same as `efficiency`
     host_gbps: float = 25.0  # host-memory bandwidth one GPU's CPU optimizer gets (cpu_offload)
     pcie_gbps: float = 20.0  # host<->device copies (cpu_offload)
+    op_us: float = 0.0  # host time per dispatched forward/backward op: a floor under compute (0: none)
+    optimizer_op_us: float = 0.0  # the same for the optimizer's per-tensor ops
 
     def efficiency_for(self, precision: str) -> float:
         """`efficiency` for fp16/bf16; fp32 runs on other units (V100: CUDA cores)."""
@@ -136,6 +138,15 @@ _CALIBRATION = (
     f"2925/992 img/s) / 125 = {V100_EFFICIENCY:.3f}"
 )
 
+# Host time per dispatched op, MEASURED on a lent H100's host (torch 2.11 eager, fp16 autocast,
+# `profiling/gpu_prediction_check.py`): RegNetY-8GF at SEER settings, 1 GPU, DDP, no checkpointing,
+# forward 42 ms for 1,344 ops and optimizer 48 ms for 3,899 ops (op counts: the same step dispatched
+# on CPU). Small RegNets are launch-bound there (forward of 8GF and 32GF: 42 vs 49 ms for 4x the
+# FLOPs). A property of the host and of eager PyTorch, so carried over to every GPU profile.
+GPU_OP_US, GPU_OPTIMIZER_OP_US = 31.0, 12.3
+_HOST_NOTE = (f"host overhead {GPU_OP_US:.0f} us per forward/backward op and {GPU_OPTIMIZER_OP_US} us per "
+              f"optimizer op, measured on a lent H100 (devices.py, GPU_OP_US)")
+
 _NCCL_NOTE = ("NCCL bus bandwidths: NVLink4 ring ~370 GB/s (nccl-tests issue 212, sjeaugey); NDR NIC "
               "46-48 GB/s (nccl-tests issue 290); HDR NIC ~24 GB/s and 2-node ring 86 of 96 GB/s "
               "(NCCL issue 1048); 8x A100 single node 232 GB/s (NCCL issue 1048); DGX-1 4x EDR "
@@ -157,53 +168,58 @@ _BUILTIN: dict[str, DeviceProfile] = {
         intra_node_gbps=120.0, inter_node_gbps=40.0, latency_us=15.0,
         efficiency=V100_EFFICIENCY, fp32_efficiency=V100_FP32_EFFICIENCY,
         host_gbps=15.0, pcie_gbps=12.0,
+        op_us=GPU_OP_US, optimizer_op_us=GPU_OPTIMIZER_OP_US,
         source=(f"V100-SXM2 datasheet (15.7 fp32 / 125 fp16 TFLOPS, 900 GB/s, no bf16); 32510 MiB "
                 f"(nvidia-smi) - 1 GiB reserve; DGX-1-class node, SEER's kind: 8 GPUs, NVLink2 6x25 GB/s "
                 f"per direction at ~0.8 ring efficiency -> 120 GB/s (assumed), 4x EDR 100 Gb/s -> 40 GB/s "
                 f"measured multi-node all-reduce; {_CALIBRATION}; fp32_efficiency {V100_FP32_EFFICIENCY:.3f} "
-                f"is the pycls figure itself (no TF32 on V100); {_NCCL_NOTE}; host/PCIe (Gen3) rough")),
+                f"is the pycls figure itself (no TF32 on V100); {_NCCL_NOTE}; {_HOST_NOTE}; host/PCIe (Gen3) rough")),
     "a100-40gb": DeviceProfile(
         name="A100-40GB", memory_bytes=_mib(40536),
         peak_tflops={"fp32": 156.0, "fp16": 312.0, "bf16": 312.0}, hbm_gbps=1555.0, gpus_per_node=8,
         intra_node_gbps=230.0, inter_node_gbps=170.0, latency_us=12.0,
         efficiency=A100_EFFICIENCY, fp32_efficiency=A100_FP32_EFFICIENCY,
+        op_us=GPU_OP_US, optimizer_op_us=GPU_OPTIMIZER_OP_US,
         source=(f"A100-SXM4 datasheet (fp32 entry = TF32 tensor cores, which PyTorch uses for convolutions "
                 f"by default; 312 fp16/bf16; 1555 GB/s); 40536 MiB (nvidia-smi) - 1 GiB; DGX A100 node: "
                 f"NVSwitch ~230 GB/s measured, 8x HDR 200 Gb/s: 8 x 24 GB/s x 0.9 ~ 170 GB/s; "
                 f"V100 {_CALIBRATION}; A100 carry-over: x {_DLE_A100_AMP / _DLE_V100_AMP:.2f} measured "
                 f"A100/V100 AMP throughput (DeepLearningExamples SE-ResNeXt101-32x4d, 5779/2925 img/s) / "
                 f"2.50 peak ratio = {A100_EFFICIENCY:.3f} (measured on the 80GB part: its faster HBM is "
-                f"not separated out); TF32 {A100_FP32_EFFICIENCY:.3f} from 2991 img/s TF32; {_NCCL_NOTE}")),
+                f"not separated out); TF32 {A100_FP32_EFFICIENCY:.3f} from 2991 img/s TF32; {_NCCL_NOTE}; {_HOST_NOTE}")),
     "a100-80gb": DeviceProfile(
         name="A100-80GB", memory_bytes=_mib(81920),
         peak_tflops={"fp32": 156.0, "fp16": 312.0, "bf16": 312.0}, hbm_gbps=2039.0, gpus_per_node=8,
         intra_node_gbps=230.0, inter_node_gbps=170.0, latency_us=12.0,
         efficiency=A100_EFFICIENCY, fp32_efficiency=A100_FP32_EFFICIENCY,
+        op_us=GPU_OP_US, optimizer_op_us=GPU_OPTIMIZER_OP_US,
         source=(f"A100-SXM4-80GB datasheet (fp32 = TF32; 312 fp16/bf16; 2039 GB/s); 81920 MiB (nvidia-smi) "
                 f"- 1 GiB; DGX A100 node as a100-40gb; efficiency {A100_EFFICIENCY:.3f} carried over from "
-                f"V100 via DeepLearningExamples DGX A100 80GB vs DGX-1 (see module docstring); {_NCCL_NOTE}")),
+                f"V100 via DeepLearningExamples DGX A100 80GB vs DGX-1 (see module docstring); {_NCCL_NOTE}; {_HOST_NOTE}")),
     "h100-80gb": DeviceProfile(
         name="H100-80GB", memory_bytes=_mib(81559),
         peak_tflops={"fp32": 494.5, "fp16": 989.0, "bf16": 989.0}, hbm_gbps=3350.0, gpus_per_node=8,
         intra_node_gbps=370.0, inter_node_gbps=340.0, latency_us=10.0,
         efficiency=H100_EFFICIENCY, fp32_efficiency=H100_FP32_EFFICIENCY, host_gbps=30.0, pcie_gbps=40.0,
+        op_us=GPU_OP_US, optimizer_op_us=GPU_OPTIMIZER_OP_US,
         source=(f"H100-SXM5 datasheet (dense: TF32 494.5, fp16/bf16 989; 3.35 TB/s); 81559 MiB seen by "
                 f"nvidia-smi on a lent H100 - 1 GiB; DGX H100 node: NVLink4 ring ~370 GB/s, 8x NDR 400 Gb/s: "
                 f"8 x 47 GB/s x 0.9 ~ 340 GB/s; efficiency {H100_EFFICIENCY:.3f} = A100 (itself carried over from the "
                 f"V100 pycls calibration, see module docstring) x 1.85 (MLPerf "
                 f"Training v3.0 ResNet-50, Dell 16x A100 14.4 min vs 16x H100 7.8 min) / 3.17 peak ratio; "
                 f"GEMM ceiling 798/989 = 0.81 measured (REFERENCE.md 5) bounds it; TF32 efficiency assumes "
-                f"the A100's TF32/AMP throughput ratio; {_NCCL_NOTE}")),
+                f"the A100's TF32/AMP throughput ratio; {_NCCL_NOTE}; {_HOST_NOTE}")),
     "h200-141gb": DeviceProfile(
         name="H200-141GB", memory_bytes=_mib(143771),
         peak_tflops={"fp32": 494.5, "fp16": 989.0, "bf16": 989.0}, hbm_gbps=4800.0, gpus_per_node=8,
         intra_node_gbps=370.0, inter_node_gbps=340.0, latency_us=10.0,
         efficiency=H100_EFFICIENCY, fp32_efficiency=H100_FP32_EFFICIENCY, host_gbps=30.0, pcie_gbps=40.0,
+        op_us=GPU_OP_US, optimizer_op_us=GPU_OPTIMIZER_OP_US,
         source=(f"H200 datasheet (H100 compute, 141 GB HBM3e at 4.8 TB/s); 143771 MiB seen by nvidia-smi on "
                 f"a lent H200 - 1 GiB; DGX H200 node (NVLink4, 8x NDR 400 Gb/s) as h100-80gb; efficiency = "
                 f"H100's {H100_EFFICIENCY:.3f} (V100 pycls calibration carried over via A100 and H100; same "
                 f"matmul rate measured, 769-798 TFLOP/s; no published conv-net training figure found, "
-                f"conservative since HBM is 1.43x faster); {_NCCL_NOTE}")),
+                f"conservative since HBM is 1.43x faster); {_NCCL_NOTE}; {_HOST_NOTE}")),
     "cpu": DeviceProfile(
         name="CPU", memory_bytes=int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
         if hasattr(os, "sysconf") else 16 * GIB,
@@ -264,7 +280,7 @@ def get_device(name_or_path: Union[str, Path]) -> DeviceProfile:
 
 _REQUIRED = ("name", "peak_tflops", "hbm_gbps", "gpus_per_node", "intra_node_gbps",
              "inter_node_gbps", "latency_us", "efficiency")
-_OPTIONAL = ("source", "fp32_efficiency", "host_gbps", "pcie_gbps")
+_OPTIONAL = ("source", "fp32_efficiency", "host_gbps", "pcie_gbps", "op_us", "optimizer_op_us")
 _MEMORY_KEYS = ("memory_bytes", "memory_gib")
 _KEYS = _REQUIRED + _MEMORY_KEYS + _OPTIONAL
 
@@ -315,7 +331,7 @@ def device_from_dict(data: dict[str, Any], where: str = "device profile") -> Dev
     if not isinstance(data["name"], str) or not data["name"].strip():
         raise ValueError(f"{where}: name must be a non-empty string, e.g. 'A100-40GB'")
     optional: dict[str, Any] = {}
-    for key in ("host_gbps", "pcie_gbps"):
+    for key in ("host_gbps", "pcie_gbps", "op_us", "optimizer_op_us"):
         if key in data:
             optional[key] = _number(data, key, where)
     if data.get("fp32_efficiency") is not None:
@@ -351,4 +367,7 @@ def device_to_dict(device: DeviceProfile) -> dict[str, Any]:
     out["peak_tflops"] = dict(device.peak_tflops)
     if out["fp32_efficiency"] is None:
         del out["fp32_efficiency"]
+    for key in ("op_us", "optimizer_op_us"):  # 0 = no floor, the default when absent
+        if not out[key]:
+            del out[key]
     return out

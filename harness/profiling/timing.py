@@ -39,7 +39,17 @@ The model, per rank and optimizer step (A = grad_accum micro-batches):
   parameter (sharded backends update 1/N of them). With cpu_offload the update
   runs at the host bandwidth share of one GPU (`host_gbps`) and parameters and
   gradients cross PCIe once each (fp32).
-* Not modelled: data loading, kernel-launch gaps, stragglers, checkpoint saves.
+* Host floor. Eager PyTorch spends host time on every dispatched op; small
+  RegNets on an H100 are bound by it (forward of RegNetY-8GF and 32GF took
+  42 vs 49 ms for 4x the FLOPs). Each phase takes at least its op count x
+  the device's `op_us` (optimizer: `optimizer_op_us`, per-tensor ops).
+  Op counts: the trunk's forward ops counted on meta per resolution group
+  (`trunk_ops`), times the ratios of a real step's dispatched ops to that
+  count (FORWARD_OPS, BACKWARD_OPS, RECOMPUTE_OPS; OPTIMIZER_OPS_PER_TENSOR).
+* Not modelled: data loading, stragglers, checkpoint saves, FSDP2's and
+  ZeRO-3's per-unit hook overhead (on one H100, world size 1: FSDP2 1.7-2.9x
+  and ZeRO-3 1.9-2.7x DDP's step; `profiling/gpu_prediction_check.py`), and the
+  forward's checkpointing overhead (RegNetY-8GF: 79 ms with, 42 ms without).
 
 Wire dtypes (what the harness does, not what it could do): DDP keeps fp32
 parameters under autocast and registers no comm hook, so gradients travel in
@@ -61,6 +71,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from harness.profiling.devices import DeviceProfile, supports
@@ -74,6 +85,11 @@ BUCKET_BYTES = 25 * 1024**2
 #: (read param+grad, 8), SGD momentum (read grad 4, read+write momentum 8, read+write param 8).
 OPT_BYTES_PER_PARAM = 36
 STAT_BYTES = 4  # SyncBN statistics are fp32 even under autocast
+#: A real step's dispatched ops per trunk forward op counted on meta (no autocast, batch 1),
+#: counted on CPU under bf16 autocast, backend none, SEER crops: forward 1.96 (RegNetY-8GF) /
+#: 1.91 (32GF), backward 2.40 / 2.37, backward with every block checkpointed 6.52 / 6.49 (the
+#: recompute adds 4.1); optimizer (LARS, momentum) 16.0 ops per parameter tensor for both.
+FORWARD_OPS, BACKWARD_OPS, RECOMPUTE_OPS, OPTIMIZER_OPS_PER_TENSOR = 1.95, 2.4, 4.1, 16.0
 
 
 # ------------------------------------------------------------------ work
@@ -91,12 +107,33 @@ class StepWork:
     bn_pass_channels: int = 0  # channels summed over those passes
     bn_recompute_passes: int = 0  # BN forwards repeated by checkpoint recomputes
     bn_recompute_channels: int = 0
+    trunk_ops: int = 0  # aten ops of the trunk's forward over all resolution groups (batch-independent)
+    param_tensors: int = 0  # trainable parameter tensors (the optimizer loops over them)
 
 
 def _count(fn, *args) -> tuple[float, Any]:
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         out = fn(*args)
     return float(counter.get_total_flops()), out
+
+
+class _OpCounter(TorchDispatchMode):
+    """Counts dispatched aten ops (the host-floor model's unit of work)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _ops(module: nn.Module, size: int) -> int:
+    counter = _OpCounter()
+    with counter, torch.no_grad():
+        module(torch.empty(1, 3, size, size, device="meta"))
+    return counter.ops
 
 
 def _bn_channels(module: nn.Module) -> tuple[int, int]:
@@ -156,8 +193,10 @@ def _work_per_image(arch: str, spec: Optional[tuple], groups: tuple[tuple[int, i
     proto_flops, _ = _count(protos, z)
     trunk_bn, trunk_bn_ch = _bn_channels(trunk)
     head_bn_n, head_bn_ch = _bn_channels(head)
-    params = sum(p.numel() for m in (trunk, head, protos) for p in m.parameters() if p.requires_grad)
-    return {"trunk": trunk_flops, "recompute": recompute, "head": crops * (head_flops + proto_flops),
+    trainable = [p for m in (trunk, head, protos) for p in m.parameters() if p.requires_grad]
+    params = sum(p.numel() for p in trainable)
+    return {"trunk_ops": sum(_ops(trunk, size) for size, _ in groups), "param_tensors": len(trainable),
+            "trunk": trunk_flops, "recompute": recompute, "head": crops * (head_flops + proto_flops),
             "params": params, "bn_layers": trunk_bn + head_bn_n,
             "bn_passes": trunk_bn * len(groups) + head_bn_n,
             "bn_pass_channels": trunk_bn_ch * len(groups) + head_bn_ch,
@@ -192,7 +231,8 @@ def step_work(cfg: Any) -> StepWork:
                     params=int(w["params"]), bn_layers=int(w["bn_layers"]), recompute_flops=b * w["recompute"],
                     bn_passes=int(w["bn_passes"]), bn_pass_channels=int(w["bn_pass_channels"]),
                     bn_recompute_passes=int(w["bn_recompute_passes"]),
-                    bn_recompute_channels=int(w["bn_recompute_channels"]))
+                    bn_recompute_channels=int(w["bn_recompute_channels"]),
+                    trunk_ops=int(w["trunk_ops"]), param_tensors=int(w["param_tensors"]))
 
 
 def train_flops(cfg: Any, work: Optional[StepWork] = None) -> float:
@@ -369,6 +409,13 @@ def predict_time(cfg: Any, strategy: Strategy, device: DeviceProfile, world_size
     else:
         optimizer = local * OPT_BYTES_PER_PARAM / (device.hbm_gbps * 1e9)
 
+    if device.op_us:  # host floor (module docstring)
+        recomputed = recompute / work.trunk_forward_flops if work.trunk_forward_flops else 0.0
+        host = accum * work.trunk_ops * device.op_us * 1e-6
+        forward = max(forward, FORWARD_OPS * host)
+        backward = max(backward, (BACKWARD_OPS + RECOMPUTE_OPS * recomputed) * host)
+    if device.optimizer_op_us:
+        optimizer = max(optimizer, OPTIMIZER_OPS_PER_TENSOR * work.param_tensors * device.optimizer_op_us * 1e-6)
     step = forward + backward + optimizer + exposed
     images = strategy.micro_batch * accum
     return TimeBreakdown(step=step, forward=forward, backward=backward, optimizer=optimizer,

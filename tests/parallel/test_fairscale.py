@@ -72,3 +72,41 @@ def test_wrap_plan_seer_10b_units_above_threshold():
     # children are listed before the parents that contain them (fairscale wraps bottom-up)
     for i, name in enumerate(plan):
         assert not any(other.startswith(name + ".") for other in plan[i + 1:])
+
+
+class _Unit(nn.Module):
+    """Stand-in for a fairscale FSDP unit (which needs CUDA): holds the module, forwards to it."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+
+def test_wrap_by_plan_nests_units_around_prewrapped_batchnorm():
+    """As apply_fairscale does it: plan on the bare trunk, BN wrapped first, then the plan's
+    units inner-first; every planned module ends up in one unit and the output is unchanged."""
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    from harness.models import build_trunk_from_config
+    from harness.parallel.fairscale_fsdp import wrap_by_plan, wrap_plan
+
+    torch.manual_seed(0)
+    trunk = build_trunk_from_config(ModelConfig(arch="regnety_200mf")).eval()
+    x = torch.randn(2, 3, 32, 32)
+    expected = trunk(x)
+    threshold = 100_000
+    plan = wrap_plan(trunk, threshold)
+    planned = {name: _numel(m) for name, m in trunk.named_modules() if name in plan}
+    assert any(a.startswith(b + ".") for a in plan for b in plan), plan  # nested units at this threshold
+    for name, module in list(trunk.named_modules()):
+        if isinstance(module, _BatchNorm):
+            parent, _, attr = name.rpartition(".")
+            setattr(trunk.get_submodule(parent), attr, _Unit(module))
+    wrap_by_plan(trunk, plan, _Unit)
+    units = [m for m in trunk.modules() if isinstance(m, _Unit) and not isinstance(m.module, _BatchNorm)]
+    assert sorted(_numel(u) for u in units) == sorted(planned.values())
+    assert all(_numel(u) >= threshold for u in units)
+    assert torch.equal(trunk(x), expected)

@@ -159,6 +159,10 @@ def test_fsdp2_wire_dtypes_and_hybrid_sharding() -> None:
 
 # -------------------------------------------------------------------- time
 
+def no_floor(device):
+    return dataclasses.replace(device, op_us=0.0, optimizer_op_us=0.0)
+
+
 def small_seer(**overrides):
     cfg = make_cfg("regnety_8gf", crops=((224, 2), (96, 4)), batch=8, head=(512, 128), protos=(3000,))
     return cfg, Strategy(backend="ddp", precision="fp16", micro_batch=8, activation_checkpointing=True,
@@ -181,7 +185,7 @@ def test_communication_grows_with_world_size(backend: str, extra: dict) -> None:
 
 def test_breakdown_is_consistent() -> None:
     cfg, s = small_seer(grad_accum=3)
-    dev = get_device("a100-80gb")
+    dev = no_floor(get_device("a100-80gb"))  # the compute model alone; the host floor is tested below
     t = predict_time(cfg, s, dev, 64)
     assert t.step == pytest.approx(t.forward + t.backward + t.optimizer + t.communication)
     assert t.images_per_second == pytest.approx(8 * 3 / t.step)
@@ -213,7 +217,7 @@ def test_zero_without_overlap_exposes_more_than_fsdp2() -> None:
 
 def test_cpu_offload_slows_the_optimizer() -> None:
     cfg, s = small_seer()
-    h100 = get_device("h100")
+    h100 = no_floor(get_device("h100"))  # bandwidths alone: this small model's optimizer is host-bound
     on = predict_time(cfg, dataclasses.replace(s, backend="fsdp2", cpu_offload=True), h100, 8)
     off = predict_time(cfg, dataclasses.replace(s, backend="fsdp2"), h100, 8)
     assert on.optimizer > 10 * off.optimizer
@@ -223,3 +227,47 @@ def test_cpu_profile_runs_the_quickstart() -> None:
     cfg = load_config("quickstart")
     t = predict_time(cfg, Strategy.from_config(cfg), get_device("cpu"), 1)
     assert t.communication == 0.0 and 0 < t.step < 60
+
+
+# ---------------------------------------------------------------- host floor
+
+def test_trunk_ops_match_a_real_forward() -> None:
+    """The meta-device op count equals the ops a real CPU forward of the same trunk dispatches."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from harness.models.zoo import build_trunk
+
+    class Count(TorchDispatchMode):
+        ops = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.ops += 1
+            return func(*args, **(kwargs or {}))
+
+    trunk = build_trunk("regnety_200mf").eval()
+    with Count(), torch.no_grad():
+        trunk(torch.randn(1, 3, 64, 64))
+        trunk(torch.randn(1, 3, 32, 32))
+    cfg = make_cfg("regnety_200mf", crops=((64, 2), (32, 4)), batch=8)
+    assert step_work(cfg).trunk_ops == Count.ops  # one trunk pass per resolution group, any batch
+
+
+def test_host_floor_reproduces_the_h100_measurement() -> None:
+    """GPU_OP_US was measured on an H100 (profiling/gpu_h100): RegNetY-8GF, ddp, no checkpointing.
+    The floor must give back that forward and optimizer time, and vanish where FLOPs dominate."""
+    from pathlib import Path
+
+    from harness.profiling.report import read_points
+
+    measured = next(p for p in read_points(Path(__file__).parents[2] / "profiling/gpu_h100/measured.json")
+                    if p.model == "seer_regnety_8gf" and p.strategy.backend == "ddp"
+                    and not p.strategy.activation_checkpointing)
+    cfg = load_config("seer_regnety_8gf", ["parallel.activation_checkpointing=false"])
+    h100 = get_device("h100-80gb")
+    predicted = predict_time(cfg, Strategy.from_config(cfg), h100, 1)
+    assert predicted.forward == pytest.approx(measured.time.forward, rel=0.1)
+    assert predicted.optimizer == pytest.approx(measured.time.optimizer, rel=0.1)
+    assert predict_time(cfg, Strategy.from_config(cfg), no_floor(h100), 1).forward < predicted.forward / 3
+    big = load_config("seer_regnety_256gf")  # compute-bound: the floor does not bind
+    s = Strategy.from_config(big)
+    assert predict_time(big, s, h100, 512).forward == predict_time(big, s, no_floor(h100), 512).forward
