@@ -75,6 +75,12 @@ def wrap_plan(module: nn.Module, min_params: int) -> list[str]:
     return plan
 
 
+def unit_plan(method: nn.Module, min_params: int) -> list[str]:
+    """What `apply_fairscale` wraps by size (inner first): `wrap_plan` of the whole method,
+    less the prototypes, which get their own fp32 unit. The planner reads the same list."""
+    return [n for n in wrap_plan(method, min_params) if n.split(".")[0] != "prototypes"]
+
+
 def _fsdp_kwargs(cfg: RunConfig) -> dict[str, Any]:
     low = cfg.parallel.precision in ("fp16", "bf16")
     return dict(
@@ -105,7 +111,7 @@ def apply_fairscale(method: SwAV, cfg: RunConfig, rt: Runtime) -> nn.Module:
     fp32_unit = {**kwargs, "mixed_precision": False, "compute_dtype": torch.float32, "fp32_reduce_scatter": False}
     # The plan first, on the bare model: fairscale's auto_wrap asserts on children that are
     # already FSDP units, and BN must be wrapped before its block (seen on an H100).
-    plan = [n for n in wrap_plan(method, cfg.parallel.wrap_min_params) if n.split(".")[0] != "prototypes"]
+    plan = unit_plan(method, cfg.parallel.wrap_min_params)
     # BN in fp32 units over the full group (SyncBN still syncs over its own groups)
     method.trunk = auto_wrap_bn(method.trunk, single_rank_pg=False, fsdp_config=fp32_unit)
     method.head = auto_wrap_bn(method.head, single_rank_pg=False, fsdp_config=fp32_unit)

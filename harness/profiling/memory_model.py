@@ -83,11 +83,12 @@ def _build_shapes(cfg: RunConfig) -> Shapes:
     taken: set[int] = set()
     units: list[tuple[int, ...]] = []
     modules: list[Any] = [*_trunk_units(method.trunk, cfg), method.head, method.prototypes]
-    if cfg.parallel.backend == "fairscale":  # auto-wrap by parameter count, inner modules first
-        from harness.parallel.fairscale_fsdp import wrap_plan
+    if cfg.parallel.backend == "fairscale":  # wrapped by parameter count, inner modules first
+        from harness.parallel.fairscale_fsdp import unit_plan
 
         named = dict(method.named_modules())
-        modules = [named[name] for name in wrap_plan(method, cfg.parallel.wrap_min_params)]
+        modules = [named[name] for name in unit_plan(method, cfg.parallel.wrap_min_params)]
+        modules.append(method.prototypes)
     for unit in modules:
         mods = unit if isinstance(unit, list) else [unit]
         ids = tuple(index[id(p)] for m in mods for p in m.parameters() if index[id(p)] not in taken)
