@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import io
 import os
+import queue
 import socket
+import time
 import traceback
 from typing import Any, Callable
 
@@ -83,9 +85,20 @@ def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = 
         p.start()
     collected: dict[int, Any] = {}
     errors: list[str] = []
+    deadline = time.monotonic() + timeout
     try:
-        for _ in range(world_size):
-            rank, status, value = results.get(timeout=timeout)
+        while len(collected) < world_size:
+            try:
+                rank, status, value = results.get(timeout=1.0)
+            except queue.Empty:
+                # a rank killed by a signal or os._exit never reports: fail now, not at the timeout
+                lost = [(r, p.exitcode) for r, p in enumerate(procs) if r not in collected and p.exitcode]
+                if lost:
+                    raise AssertionError("distributed worker died without reporting: " + ", ".join(
+                        f"rank {r} exit code {code}" for r, code in lost)) from None
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{len(collected)} of {world_size} ranks reported within {timeout:.0f} s")
+                continue
             if status == "error":
                 errors.append(f"rank {rank}:\n{value}")
             collected[rank] = value

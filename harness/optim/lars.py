@@ -157,15 +157,23 @@ class LARS(torch.optim.Optimizer):
         group, as device tensors (no host sync); entries without a gradient are unused."""
         n = len(params)
         sq = self._squared_norms(params + [p.grad for p in params], group.get(_GROUP_KEY))
-        p_norm, g_norm = sq.sqrt().split(n)
-        wd = group["weight_decay"]
-        ratio = group["trust_coefficient"] * p_norm / (g_norm + wd * p_norm + group["eps"])
-        if group["clip"]:  # lr == 0 gives inf -> 1, harmless since the step is 0
-            ratio = torch.clamp(ratio / group["lr"], max=1.0)
-        ok = (p_norm > 0) & (g_norm > 0)
-        ratio = torch.where(ok, ratio, torch.ones_like(ratio))
-        decay = torch.where(ok, torch.full_like(ratio, wd), torch.zeros_like(ratio))
-        return ratio, decay
+        return trust_ratios(group, *sq.sqrt().split(n))
+
+    def _apply(self, key: Tensor, param: Tensor, d: Tensor, group: dict[str, Any]) -> None:
+        """SGD momentum on `d` (state kept under `key`), then ``param -= lr * d``. `param`
+        and `d` are local tensors; `key` may be a DTensor, whose buffer stays one."""
+        momentum = group["momentum"]
+        if momentum != 0:
+            state = self.state[key]
+            if state.get("momentum_buffer") is None:
+                # zeros_like keeps a DTensor a DTensor, so sharded checkpoints see it
+                state["momentum_buffer"] = torch.zeros_like(key, memory_format=torch.preserve_format)
+                _local(state["momentum_buffer"]).copy_(d)
+            else:
+                _local(state["momentum_buffer"]).mul_(momentum).add_(d)
+            buf = _local(state["momentum_buffer"])
+            d = d.add(buf, alpha=momentum) if group["nesterov"] else buf
+        param.add_(d, alpha=-group["lr"])
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Tensor]] = None) -> Optional[Tensor]:
@@ -182,7 +190,7 @@ class LARS(torch.optim.Optimizer):
             adapt = group.get("lars_adapt", True)
             if adapt:  # before the no-grad check: every rank must join the collective
                 ratio, decay = self._trust_ratios(group, params)
-            lr, momentum, wd = group["lr"], group["momentum"], group["weight_decay"]
+            wd = group["weight_decay"]
             for i, p in enumerate(params):
                 if p.grad is None:
                     continue
@@ -193,15 +201,17 @@ class LARS(torch.optim.Optimizer):
                         d.add_(lp * (decay[i] * ratio[i]).to(lp.dtype))
                 else:
                     d = lg.add(lp, alpha=wd) if wd != 0 else lg
-                if momentum != 0:
-                    state = self.state[p]
-                    if state.get("momentum_buffer") is None:
-                        # zeros_like keeps a DTensor a DTensor, so sharded checkpoints see it
-                        state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                        _local(state["momentum_buffer"]).copy_(d)
-                    else:
-                        _local(state["momentum_buffer"]).mul_(momentum).add_(d)
-                    buf = _local(state["momentum_buffer"])
-                    d = d.add(buf, alpha=momentum) if group["nesterov"] else buf
-                lp.add_(d, alpha=-lr)
+                self._apply(p, lp, d, group)
         return loss
+
+
+def trust_ratios(group: dict[str, Any], p_norm: Tensor, g_norm: Tensor) -> tuple[Tensor, Tensor]:
+    """LARC's trust ratio and weight-decay factor per parameter from its norms (module
+    docstring): ratio 1 and no decay where either norm is zero."""
+    wd = group["weight_decay"]
+    ratio = group["trust_coefficient"] * p_norm / (g_norm + wd * p_norm + group["eps"])
+    if group["clip"]:  # lr == 0 gives inf -> 1, harmless since the step is 0
+        ratio = torch.clamp(ratio / group["lr"], max=1.0)
+    ok = (p_norm > 0) & (g_norm > 0)
+    ratio = torch.where(ok, ratio, torch.ones_like(ratio))
+    return ratio, torch.where(ok, torch.full_like(ratio, wd), torch.zeros_like(ratio))

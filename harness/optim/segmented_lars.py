@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from harness.optim.lars import LARS
+from harness.optim.lars import LARS, trust_ratios
 
 
 @dataclass
@@ -126,13 +126,7 @@ class SegmentedLARS(LARS):
             sums.index_add_(0, owners + (n + 1), torch.segment_reduce(g.to(acc).square(), "sum", lengths=lengths))
             if dist.is_available() and dist.is_initialized():
                 dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=layout.group)
-            p_norm, g_norm = sums.sqrt().split(n + 1)
-            ratio = group["trust_coefficient"] * p_norm / (g_norm + wd * p_norm + group["eps"])
-            if group["clip"]:
-                ratio = torch.clamp(ratio / group["lr"], max=1.0)
-            ok = (p_norm > 0) & (g_norm > 0)
-            ratio = torch.where(ok, ratio, torch.ones_like(ratio))
-            decay = torch.where(ok, torch.full_like(ratio, wd), torch.zeros_like(ratio))
+            ratio, decay = trust_ratios(group, *sums.sqrt().split(n + 1))
         else:  # plain SGD: d = g + wd * p
             ratio = torch.ones(n + 1, dtype=torch.float32, device=p.device)
             decay = torch.full_like(ratio, wd)
@@ -152,7 +146,6 @@ class SegmentedLARS(LARS):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            lr, momentum = group["lr"], group["momentum"]
             for flat in group["params"]:
                 layout = self.layouts.get(id(flat))
                 if layout is None:
@@ -168,15 +161,7 @@ class SegmentedLARS(LARS):
                 d = g * r
                 d.add_(p * torch.repeat_interleave(decay_ratio[owners].to(p.dtype), lengths, output_size=p.numel()))
                 del r
-                if momentum != 0:
-                    state = self.state[flat]
-                    buf = state.get("momentum_buffer")
-                    if buf is None:
-                        state["momentum_buffer"] = buf = d.clone()
-                    else:
-                        buf.mul_(momentum).add_(d)
-                    # frozen/padding elements: d = 0 and their buffer is zero while frozen (freezing
-                    # is only ever at the start of a run), so the momentum term leaves them alone
-                    d = d.add(buf, alpha=momentum) if group["nesterov"] else buf
-                p.add_(d, alpha=-lr)
+                # frozen/padding elements: d = 0 and their buffer is zero while frozen (freezing
+                # is only ever at the start of a run), so the momentum term leaves them alone
+                self._apply(flat, p, d, group)
         return loss

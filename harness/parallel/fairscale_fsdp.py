@@ -12,8 +12,9 @@ fairscale's ShardedGradScaler (inf checks agree across ranks).
 fairscale FSDP has no CPU path, so `apply_fairscale` refuses a non-CUDA
 device before anything is built. On an H100 (torch 2.11) the first version
 stopped in fairscale's ``auto_wrap``, which asserts on BN units wrapped
-before it; units are now placed by `wrap_by_plan`, which has not yet run on
-a GPU (the lease was spent; its CPU test uses a stand-in wrapper).
+before it; units are now placed by `wrap_by_plan`, which trained
+RegNetY-8/16/32GF on one H100 (profiling/gpu_h100, run 3); more than one GPU
+has not run yet.
 """
 
 from __future__ import annotations

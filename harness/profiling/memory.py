@@ -17,7 +17,7 @@ a parameter, gradient or optimizer state counts as a communication buffer.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import weakref
 
@@ -84,36 +84,48 @@ class StorageSet:
 
 
 def _walk(obj: Any, seen: set[int], depth: int) -> Iterator[torch.Tensor]:
-    """Tensors reachable from `obj` through attributes, lists, dicts (bounded depth)."""
-    if id(obj) in seen or depth > _MAX_DEPTH:
-        return
-    seen.add(id(obj))
-    if isinstance(obj, torch.Tensor):
-        yield obj
-        return
+    """Tensors reachable from `obj` through attributes, lists, dicts, within _MAX_DEPTH - depth
+    hops. Breadth first: an object reached first along a long path (DeepSpeed's optimizer via
+    engine.engine.optimizer) must still be expanded from its shortest one (engine.zero_optimizer),
+    or what hangs below it (ZeRO-3's reduce bucket) falls off the depth bound."""
+    frontier = [obj]
+    while frontier and depth <= _MAX_DEPTH:
+        nxt: list[Any] = []
+        for item in frontier:
+            if id(item) in seen:
+                continue
+            seen.add(id(item))
+            if isinstance(item, torch.Tensor):
+                yield item
+                continue
+            nxt.extend(value for _, value in _children(item)
+                       if not isinstance(value, (str, bytes, int, float, bool, type(None))))
+            if isinstance(item, nn.Module):
+                yield from _module_tensors(item)
+        frontier, depth = nxt, depth + 1
+
+
+def _module_tensors(module: nn.Module) -> Iterator[torch.Tensor]:
+    yield from module.parameters()
+    yield from module.buffers()
+    for p in module.parameters():
+        if p.grad is not None:
+            yield p.grad
+        shard = getattr(p, "ds_tensor", None)  # DeepSpeed ZeRO-3 shard of a parameter
+        if isinstance(shard, torch.Tensor):
+            yield shard
+
+
+def _children(obj: Any) -> Iterable[tuple[Any, Any]]:
     if isinstance(obj, nn.Module):
-        yield from obj.parameters()
-        yield from obj.buffers()
-        for p in obj.parameters():
-            if p.grad is not None:
-                yield p.grad
-            for attr in ("ds_tensor",):  # DeepSpeed ZeRO-3 shard of a parameter
-                shard = getattr(p, attr, None)
-                if isinstance(shard, torch.Tensor):
-                    yield shard
-        children: Any = vars(obj).items()
-    elif isinstance(obj, dict):
-        children = obj.items()
-    elif isinstance(obj, (list, tuple, set)):
-        children = enumerate(obj)
-    elif hasattr(obj, "__dict__") and type(obj).__module__.split(".")[0] in ("harness", "deepspeed", "torch"):
-        children = vars(obj).items()
-    else:
-        return
-    for _, value in children:
-        if isinstance(value, (str, bytes, int, float, bool, type(None))):
-            continue
-        yield from _walk(value, seen, depth + 1)
+        return vars(obj).items()
+    if isinstance(obj, dict):
+        return obj.items()
+    if isinstance(obj, (list, tuple, set)):
+        return enumerate(obj)
+    if hasattr(obj, "__dict__") and type(obj).__module__.split(".")[0] in ("harness", "deepspeed", "torch"):
+        return vars(obj).items()
+    return ()
 
 
 def state_storages(engine: Any) -> dict[str, StorageSet]:

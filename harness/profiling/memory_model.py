@@ -7,11 +7,11 @@ Two parts, because they scale differently:
   device) and on the layout rules of each backend as the harness configures
   it: FSDP2 pads every tensor's dim 0 to a multiple of the shard count;
   DDP keeps gradients in its buckets (`gradient_as_bucket_view`); DeepSpeed
-  keeps fp32 master partitions beside the module weights, a reduce bucket
-  and, at ZeRO-3, whole copies of parameters under its persistence
-  threshold (read from the DeepSpeed config the run would use). LARS keeps
-  one fp32 momentum per parameter: 8 bytes/param with the master weights,
-  not Adam's 12.
+  keeps fp32 master partitions beside the module weights, reduce buckets
+  (one per gradient dtype) and, at ZeRO-3, whole copies of parameters under
+  its persistence threshold (read from the DeepSpeed config the run would
+  use). LARS keeps one fp32 momentum per parameter: 8 bytes/param with the
+  master weights, not Adam's 12.
 * Activations and step temporaries come from running one forward and
   backward of the method, as the trainer runs it (multi-crop, activation
   checkpointing applied by the same function, autocast), on fake tensors:
@@ -42,6 +42,7 @@ class Shapes:
 
     tensors: tuple[tuple[int, int], ...]
     units: tuple[tuple[int, ...], ...]  # indices into tensors, one tuple per fully_shard unit
+    param_modules: int = 0  # modules holding parameters directly (ZeRO-3 fetches per module)
 
     @property
     def params(self) -> int:
@@ -98,7 +99,8 @@ def _build_shapes(cfg: RunConfig) -> Shapes:
     rest = tuple(i for i in range(len(params)) if i not in taken)
     if rest:
         units.append(rest)
-    return Shapes(tensors, tuple(units))
+    owners = sum(1 for m in method.modules() if any(True for _ in m.parameters(recurse=False)))
+    return Shapes(tensors, tuple(units), owners)
 
 
 def _fsdp_local(numel: int, dim0: int, shards: int) -> int:
@@ -131,14 +133,31 @@ def _zero_weight_bytes(ds: dict[str, Any]) -> int:
     return LOW if ds.get("fp16", {}).get("enabled", False) else FP32
 
 
-def zero_reduce_bucket(cfg: RunConfig, strategy: Strategy, world: int) -> int:
-    """Elements of DeepSpeed's contiguous reduce bucket: allocated whole, whatever the
-    model's size (the harness sizes "auto" buckets to the model, `zero._fill_buckets`)."""
+def _comm_dtype_bytes(ds: dict[str, Any]) -> list[int]:
+    """Bytes per element of each gradient communication dtype DeepSpeed keeps a bucket for:
+    under torch_autocast, Linear/Conv gradients travel in the autocast dtype and the rest
+    (BatchNorm) in fp32 (deepspeed.runtime.torch_autocast); otherwise one dtype."""
+    if ds.get("torch_autocast", {}).get("enabled", False):
+        return [LOW, FP32]
+    return [_zero_weight_bytes(ds)]
+
+
+def zero_reduce_buckets(cfg: RunConfig, strategy: Strategy, world: int) -> int:
+    """Bytes of DeepSpeed's contiguous reduce buckets, allocated whole whatever the model's
+    size (the harness sizes "auto" buckets to the model, `zero._fill_buckets`), one per
+    communication dtype. Stage 1/2 allocate them at the start of each backward, in the module
+    weights' dtype, and free them when backward ends; stage 3 allocates them once, in each
+    communication dtype, and keeps them (deepspeed 0.19.8, stage_1_and_2.setup_buckets,
+    stage3 IPG buckets)."""
     ds = _ds_config(apply_strategy(cfg, strategy), world)
     zero = ds["zero_optimization"]
     if not zero.get("contiguous_gradients", True):
         return 0
-    return int(float(zero["reduce_bucket_size"]))
+    size = int(float(zero["reduce_bucket_size"]))
+    dtypes = _comm_dtype_bytes(ds)
+    if strategy.zero_stage == 3:
+        return size * sum(dtypes)
+    return size * len(dtypes) * _zero_weight_bytes(ds)
 
 
 def model_states(cfg: RunConfig, strategy: Strategy, world: int) -> MemoryBreakdown:
@@ -182,6 +201,7 @@ def model_states(cfg: RunConfig, strategy: Strategy, world: int) -> MemoryBreakd
             persistent = sum(n for n, _ in s.tensors if n < threshold) if world > 1 else 0
             out.params = (sum(math.ceil(n / world) for n, _ in s.tensors) + persistent) * weight
             out.grads = part * weight + grad_copy
+            out.comm_buffers = zero_reduce_buckets(cfg, strategy, world)
     else:
         raise ValueError(f"no memory model for backend {backend!r}")
     return out
@@ -191,23 +211,37 @@ def transient(cfg: RunConfig, strategy: Strategy, world: int) -> int:
     """Backend buffers alive during forward/backward on top of activations."""
     s = shapes(apply_strategy(cfg, strategy))
     compute = FP32 if strategy.precision == "fp32" else LOW
-    if strategy.backend in ("fsdp2", "fairscale"):
+    unit_sizes = sorted((sum(s.tensors[i][0] for i in u) for u in s.units), reverse=True)
+    if strategy.backend == "fsdp2":
         # current + prefetched unit gathered, and one unit's reduce-scatter input. Without
         # resharding every unit stays gathered until backward, but the peak measured on
         # multi-crop SwAV is at the end of backward, after each unit has resharded.
-        largest = max(sum(s.tensors[i][0] for i in u) for u in s.units)
-        return 2 * largest * compute + largest * FP32
+        return 2 * unit_sizes[0] * compute + unit_sizes[0] * FP32
+    if strategy.backend == "fairscale":
+        # the two largest units gathered (a unit and the one holding it: with 1e8-parameter
+        # units the root holds most of the model), and one parameter's gradient cast to fp32
+        # for its reduce-scatter: fairscale's post-backward hook runs per parameter. At world
+        # size 1 in fp32 the shard is the parameter itself; in fp16 a 16-bit copy is made.
+        # Checked on one H100 (RegNetY-8/16/32GF, profiling/gpu_h100): the peak equals DDP's.
+        gathered = 0 if world == 1 and compute == FP32 else sum(unit_sizes[:2]) * compute
+        return gathered + max(n for n, _ in s.tensors) * FP32
     if strategy.backend == "deepspeed":
-        # the contiguous reduce bucket, from the first reduction to the end of the step; at
-        # ZeRO-3 also the gathered parameters (prefetch bucket), twice over as measured on
-        # deepspeed 0.19.8 (all-gather output and the parameters' views of it)
-        extra = zero_reduce_bucket(cfg, strategy, world) * FP32
-        if strategy.zero_stage == 3:
-            ds = _ds_config(apply_strategy(cfg, strategy), world)
-            prefetch = int(float(ds["zero_optimization"]["stage3_prefetch_bucket_size"]))
-            extra += 2 * min(prefetch, s.params) * _zero_weight_bytes(ds)
-        return extra
+        # stage 1/2: the reduce buckets, through backward. Stage 3 (whose buckets are
+        # persistent, `model_states`): one prefetch bucket of gathered parameters
+        if strategy.zero_stage != 3:
+            return zero_reduce_buckets(cfg, strategy, world)
+        return zero3_gathered(cfg, strategy, world)
     return 0
+
+
+def zero3_gathered(cfg: RunConfig, strategy: Strategy, world: int) -> int:
+    """Bytes of one ZeRO-3 prefetch bucket of gathered parameters (the harness sizes it to
+    the model when smaller). When backward starts about two are alive: the modules the
+    forward ended with, and the prefetch for backward; near the end of backward, where
+    nearly every gradient is alive, about one (measured on deepspeed 0.19.8, 1-4 ranks)."""
+    ds = _ds_config(apply_strategy(cfg, strategy), world)
+    prefetch = int(float(ds["zero_optimization"]["stage3_prefetch_bucket_size"]))
+    return min(prefetch, shapes(apply_strategy(cfg, strategy)).params) * _zero_weight_bytes(ds)
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from typing import Iterable, Optional
 
 from harness.config.schema import RunConfig
 from harness.profiling.devices import DeviceProfile, supports
-from harness.profiling.memory_model import model_states, shapes, step_activations, transient
+from harness.profiling.memory_model import model_states, shapes, step_activations, transient, zero3_gathered
 from harness.profiling.records import MemoryBreakdown, Point, Strategy, apply_strategy
 from harness.profiling.timing import predict_time
 
@@ -44,16 +44,17 @@ def optimizer_temporaries(cfg: RunConfig, strategy: Strategy, world: int) -> int
     runs measured at 1, 2 and 4 ranks (profiling/memory_accuracy.py): stage 1/2 hold the
     fp32 gradient partition handed to the optimizer plus SegmentedLARS's four
     partition-sized temporaries (expanded ratio, update, expanded decay, decay term);
-    stage 3 holds two gathered copies of the parameters and four partition temporaries."""
+    stage 3 the same five partitions, plus one whole copy of the parameters at world size 1
+    (measured: 6P there, 5.1-5.3 partitions at 2 ranks)."""
     from harness.profiling.memory_model import _ds_config, _zero_weight_bytes
 
     s = shapes(apply_strategy(cfg, strategy))
     if strategy.backend == "deepspeed":
         part = -(-s.params // world)
-        if strategy.zero_stage == 3:
-            weight = _zero_weight_bytes(_ds_config(apply_strategy(cfg, strategy), world))
-            return 2 * s.params * weight + (0 if strategy.cpu_offload else 4 * part * FP32)
-        return 0 if strategy.cpu_offload else 5 * part * FP32
+        scratch = 0 if strategy.cpu_offload else 5 * part * FP32
+        if strategy.zero_stage == 3 and world == 1:
+            return scratch + s.params * _zero_weight_bytes(_ds_config(apply_strategy(cfg, strategy), world))
+        return scratch
     if strategy.cpu_offload:
         return 0
     largest = max(n for n, _ in s.tensors)
@@ -84,17 +85,21 @@ def predict_memory(cfg: RunConfig, strategy: Strategy, world: int) -> MemoryBrea
     if strategy.backend == "ddp":  # plus DDP's buckets, allocated for good
         grads_then += mem.grads
     elif strategy.backend == "fairscale":
-        # fairscale reduce-scatters each gradient as autograd accumulates it (its post-backward
-        # hook runs per use) and frees the full one: only a unit's worth is ever in flight
-        # (fairscale's design; not measured here, fairscale needs CUDA)
-        s = shapes(apply_strategy(cfg, strategy))
-        grads_then = int(acts.grads_alive * mem.grads) + max(sum(s.tensors[i][0] for i in u)
-                                                              for u in s.units) * FP32
+        # fairscale reduce-scatters each gradient as autograd accumulates it (a post-backward
+        # hook per parameter) and frees the full one: the gradient in flight is in `transient`
+        grads_then = int(acts.grads_alive * mem.grads)
+    backward_start = 0
+    if strategy.backend == "deepspeed" and strategy.zero_stage == 3:
+        # its flat gradient partitions are allocated once; the gather is largest as backward
+        # starts, before backward's temporaries exist (`zero3_gathered`)
+        grads_then += mem.grads
+        backward_start = acts.activations + mem.grads + 2 * zero3_gathered(cfg, strategy, world)
     backward_peak = acts.activations + acts.temporaries + grads_then + extra
     optimizer_peak = mem.grads + optimizer_temporaries(cfg, strategy, world)
     mem.activations = acts.activations
-    mem.temporaries = max(backward_peak - acts.activations - grads_then, optimizer_peak - mem.grads)
-    mem.peak = persistent + max(backward_peak, optimizer_peak)
+    mem.temporaries = max(backward_peak - acts.activations - grads_then, optimizer_peak - mem.grads,
+                          backward_start - acts.activations - mem.grads)
+    mem.peak = persistent + max(backward_peak, optimizer_peak, backward_start)
     return mem
 
 
@@ -109,7 +114,7 @@ def predict(cfg: RunConfig, strategy: Strategy, device: DeviceProfile, world: in
     notes = []
     if strategy.backend == "fairscale":
         notes.append("fairscale: units from its auto-wrap plan, gradients reduce-scattered as they are "
-                     "accumulated (its design); not measured here (fairscale needs CUDA)")
+                     "accumulated (its design); measured on one H100 at world size 1 only")
     return Point(model=cfg.name or cfg.model.arch, strategy=strategy, device=device.name, world_size=world,
                  memory=memory, time=time, device_memory=device.memory_bytes, notes=notes)
 

@@ -46,10 +46,12 @@ The model, per rank and optimizer step (A = grad_accum micro-batches):
   Op counts: the trunk's forward ops counted on meta per resolution group
   (`trunk_ops`), times the ratios of a real step's dispatched ops to that
   count (FORWARD_OPS, BACKWARD_OPS, RECOMPUTE_OPS; OPTIMIZER_OPS_PER_TENSOR).
-* Not modelled: data loading, stragglers, checkpoint saves, FSDP2's and
-  ZeRO-3's per-unit hook overhead (on one H100, world size 1: FSDP2 1.7-2.9x
-  and ZeRO-3 1.9-2.7x DDP's step; `profiling/gpu_prediction_check.py`), and the
-  forward's checkpointing overhead (RegNetY-8GF: 79 ms with, 42 ms without).
+  The sharded backends add host time per unit gather (`unit_gathers` x
+  UNSHARD_OPS op equivalents, once per trunk pass in forward and again in
+  backward): on one H100 their steps took 1.3-3.4x ZeRO-2's.
+* Not modelled: data loading, stragglers, checkpoint saves, and the
+  forward's checkpointing overhead (RegNetY-8GF: 79 ms with, 42 ms without;
+  up to 49 ms on ZeRO-2, noisy).
 
 Wire dtypes (what the harness does, not what it could do): DDP keeps fp32
 parameters under autocast and registers no comm hook, so gradients travel in
@@ -90,6 +92,13 @@ STAT_BYTES = 4  # SyncBN statistics are fp32 even under autocast
 #: 1.91 (32GF), backward 2.40 / 2.37, backward with every block checkpointed 6.52 / 6.49 (the
 #: recompute adds 4.1); optimizer (LARS, momentum) 16.0 ops per parameter tensor for both.
 FORWARD_OPS, BACKWARD_OPS, RECOMPUTE_OPS, OPTIMIZER_OPS_PER_TENSOR = 1.95, 2.4, 4.1, 16.0
+#: Host cost of one gather of a sharded unit (FSDP2/fairscale unit, ZeRO-3 module), in
+#: dispatched-op equivalents (x the device's op_us): each unit is gathered once per trunk
+#: pass in forward and again in backward. Fitted to the step times measured on one H100
+#: (RegNetY-8/16/32GF, fp16, checkpointing on, profiling/gpu_h100) against ZeRO-2 of the
+#: same run, which gathers nothing: sum of (step - ZeRO-2's step) over sum of gathers x op_us.
+#: Per model: FSDP2 16.8/18.1/10.6, fairscale 55.7/25.0/18.2, ZeRO-3 36.3/28.1/31.8.
+UNSHARD_OPS = {"fsdp2": 15.0, "fairscale": 32.0, "zero3": 32.0}
 
 
 # ------------------------------------------------------------------ work
@@ -375,6 +384,22 @@ def _local_params(strategy: Strategy, params: int, world_size: int) -> float:
     return params / world_size
 
 
+def unit_gathers(cfg: Any, strategy: Strategy, work: StepWork) -> tuple[str, int]:
+    """(kind, gathers per trunk pass per phase) of the sharded backends: FSDP2 and fairscale
+    gather each unit (BatchNorms are their own units under low precision: fairscale always,
+    FSDP2 when not fp32), ZeRO-3 fetches per module that owns parameters."""
+    from harness.profiling.memory_model import shapes
+
+    s = shapes(cfg)
+    if strategy.backend == "deepspeed" and strategy.zero_stage == 3:
+        return "zero3", s.param_modules
+    if strategy.backend == "fairscale":
+        return "fairscale", len(s.units) + work.bn_layers
+    if strategy.backend == "fsdp2":
+        return "fsdp2", len(s.units) + (work.bn_layers if strategy.precision != "fp32" else 0)
+    return "", 0
+
+
 def predict_time(cfg: Any, strategy: Strategy, device: DeviceProfile, world_size: int) -> TimeBreakdown:
     """Seconds per optimizer step on one rank of `world_size` running `strategy` on `device`."""
     precision = strategy.precision
@@ -412,8 +437,10 @@ def predict_time(cfg: Any, strategy: Strategy, device: DeviceProfile, world_size
     if device.op_us:  # host floor (module docstring)
         recomputed = recompute / work.trunk_forward_flops if work.trunk_forward_flops else 0.0
         host = accum * work.trunk_ops * device.op_us * 1e-6
-        forward = max(forward, FORWARD_OPS * host)
-        backward = max(backward, (BACKWARD_OPS + RECOMPUTE_OPS * recomputed) * host)
+        kind, units = unit_gathers(run, strategy, work)
+        gathers = accum * units * len(_resolution_groups(run)) * UNSHARD_OPS.get(kind, 0.0) * device.op_us * 1e-6
+        forward = max(forward, FORWARD_OPS * host + gathers)
+        backward = max(backward, (BACKWARD_OPS + RECOMPUTE_OPS * recomputed) * host + gathers)
     if device.optimizer_op_us:
         optimizer = max(optimizer, OPTIMIZER_OPS_PER_TENSOR * work.param_tensors * device.optimizer_op_us * 1e-6)
     step = forward + backward + optimizer + exposed

@@ -271,3 +271,28 @@ def test_host_floor_reproduces_the_h100_measurement() -> None:
     big = load_config("seer_regnety_256gf")  # compute-bound: the floor does not bind
     s = Strategy.from_config(big)
     assert predict_time(big, s, h100, 512).forward == predict_time(big, s, no_floor(h100), 512).forward
+
+
+@pytest.mark.parametrize("backend", ["fsdp2", "fairscale", "zero3"])
+def test_unit_gathers_reproduce_the_h100_sharded_steps(backend: str) -> None:
+    """UNSHARD_OPS was fitted on the H100's run 3 (profiling/gpu_h100): over RegNetY-8/16/32GF
+    the sharded steps' excess over ZeRO-2's (which gathers nothing) must come back from the
+    gather counts, and the backends without gathers must not pay for any."""
+    from pathlib import Path
+
+    from harness.profiling.report import read_points
+    from harness.profiling.timing import unit_gathers
+
+    points = [p for p in read_points(Path(__file__).parents[2] / "profiling/gpu_h100/measured.json")
+              if p.strategy.activation_checkpointing and "run 3" in " ".join(p.notes)]
+    name = lambda p: f"zero{p.strategy.zero_stage}" if p.strategy.backend == "deepspeed" else p.strategy.backend
+    zero2 = {p.model: p for p in points if name(p) == "zero2"}
+    h100 = get_device("h100-80gb")
+    measured = predicted = 0.0
+    for p in (p for p in points if name(p) == backend):
+        cfg, s, base = load_config(p.model), p.strategy, zero2[p.model].strategy  # predict applies each
+        measured += p.time.step - zero2[p.model].time.step
+        predicted += predict_time(cfg, s, h100, 1).step - predict_time(cfg, base, h100, 1).step
+        kind, units = unit_gathers(cfg, base, step_work(cfg))
+        assert units == 0 and kind == ""
+    assert predicted == pytest.approx(measured, rel=0.15)
