@@ -57,7 +57,6 @@ but several processes were started).
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import sys
@@ -69,10 +68,9 @@ import yaml
 
 from harness.config.loader import ConfigError
 from harness.config.schema import ParallelConfig, RunConfig
+from harness.parallel.ds_json import deepspeed_json_fields, read_deepspeed_json, resolve_path
 
 log = logging.getLogger(__name__)
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 # Flags that launchers add to our argv (the first two take a value).
 _LOCAL_RANK_FLAGS = ("--local_rank", "--local-rank")
@@ -161,90 +159,6 @@ def split_launcher_args(argv: Sequence[str]) -> tuple[list[str], dict[str, Any]]
             rest.append(arg)
         i += 1
     return rest, extra
-
-
-# ---------------------------------------------------------------- DeepSpeed JSON
-
-
-def resolve_path(path: str) -> Path:
-    """A config path as the user meant it: absolute, relative to the working
-    directory, or (so that `ds_configs/zero3_fp16.json` works from anywhere)
-    relative to the repository root."""
-    p = Path(path).expanduser()
-    if p.is_absolute() or p.exists():
-        return p.resolve() if p.exists() else p
-    in_repo = REPO_ROOT / p
-    return in_repo.resolve() if in_repo.exists() else p
-
-
-def read_deepspeed_json(path: str) -> dict[str, Any]:
-    resolved = resolve_path(path)
-    if not resolved.is_file():
-        raise ConfigError(f"DeepSpeed config {path} does not exist (looked in {Path.cwd()} and {REPO_ROOT}); "
-                          f"the shipped ones are in ds_configs/")
-    try:
-        with open(resolved) as f:
-            data = json.load(f)
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"DeepSpeed config {resolved} is not valid JSON: {err}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"DeepSpeed config {resolved} must hold a JSON object")
-    return data
-
-
-def _enabled(section: Any) -> bool:
-    return isinstance(section, dict) and bool(section.get("enabled", False))
-
-
-def deepspeed_json_fields(data: Mapping[str, Any], where: str = "DeepSpeed config") -> dict[str, Any]:
-    """zero_stage, precision and cpu_offload that a DeepSpeed JSON implies."""
-    zero = data.get("zero_optimization") or {}
-    if isinstance(zero, bool):  # DeepSpeed's legacy `"zero_optimization": true` means stage 1
-        zero = {"stage": 1 if zero else 0}
-    stage = int(zero.get("stage", 0))
-    if _enabled(data.get("fp16")) and (_enabled(data.get("bf16")) or _enabled(data.get("bfloat16"))):
-        raise ConfigError(f"{where} enables both fp16 and bf16")
-    if _enabled(data.get("fp16")):
-        precision = "fp16"
-    elif _enabled(data.get("bf16")) or _enabled(data.get("bfloat16")):
-        precision = "bf16"
-    elif _enabled(data.get("torch_autocast")):
-        dtype = str(data["torch_autocast"].get("dtype", "")).replace("torch.", "")
-        precision = {"bfloat16": "bf16", "bf16": "bf16", "float16": "fp16", "fp16": "fp16", "half": "fp16"}.get(dtype)
-        if precision is None:
-            raise ConfigError(f"{where}: torch_autocast needs \"dtype\": \"bfloat16\" or \"float16\" (got {dtype!r})")
-    else:
-        precision = "fp32"
-    offload = any(
-        isinstance(zero.get(key), dict) and zero[key].get("device", "none") not in ("none", None)
-        for key in ("offload_optimizer", "offload_param")
-    )
-    return {"zero_stage": stage, "precision": precision, "cpu_offload": offload}
-
-
-def fill_deepspeed_auto(data: Mapping[str, Any], cfg: RunConfig) -> dict[str, Any]:
-    """The JSON with its "auto" batch fields filled from the run config, ready
-    for `deepspeed.initialize(config=...)` (DeepSpeed itself rejects "auto")."""
-    out = json.loads(json.dumps(data))
-    fills = {"train_micro_batch_size_per_gpu": cfg.data.batch_size,
-             "gradient_accumulation_steps": cfg.train.grad_accum, "gradient_clipping": 0.0}
-    for key, value in fills.items():
-        if out.get(key) == "auto":
-            out[key] = value
-    if out.get("train_batch_size") == "auto":  # DeepSpeed derives it from the two above and the world size
-        del out["train_batch_size"]
-    left = list(_auto_keys(out))
-    if left:
-        raise ConfigError(f"DeepSpeed config has \"auto\" values the harness cannot fill: {', '.join(left)}")
-    return out
-
-
-def _auto_keys(node: Any, prefix: str = "") -> Iterable[str]:
-    if isinstance(node, dict):
-        for key, value in node.items():
-            yield from _auto_keys(value, f"{prefix}{key}.")
-    elif node == "auto":
-        yield prefix.rstrip(".")
 
 
 # ---------------------------------------------------------------- environment

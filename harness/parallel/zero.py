@@ -26,8 +26,6 @@ restarts with a warning, until sharded (DCP) checkpoints arrive.
 
 from __future__ import annotations
 
-import copy
-import json
 import os
 from typing import Any, Optional
 
@@ -39,6 +37,7 @@ from harness.config.loader import ConfigError
 from harness.config.schema import RunConfig
 from harness.optim.build import param_groups
 from harness.optim.segmented_lars import FlatLayout, SegmentedLARS, layout_from_ranges
+from harness.parallel.ds_json import deepspeed_json_fields, enabled, fill_auto, read_deepspeed_json
 from harness.parallel.engine import Engine
 from harness.runtime import Runtime
 from harness.ssl.swav import SwAV
@@ -46,54 +45,14 @@ from harness.train.precision import check_precision_supported
 
 # ----------------------------------------------------------------- config
 
-_AUTOCAST_DTYPES = {"bfloat16": "bf16", "bf16": "bf16", "torch.bfloat16": "bf16",
-                    "float16": "fp16", "fp16": "fp16", "torch.float16": "fp16", "half": "fp16"}
-
-
-def _enabled(section: Any) -> bool:
-    return isinstance(section, dict) and bool(section.get("enabled", False))
-
 
 def config_precision(ds: dict[str, Any]) -> str:
-    """The precision a DeepSpeed config asks for, in harness terms."""
-    if _enabled(ds.get("bf16")) or _enabled(ds.get("bfloat16")):
+    """The precision a DeepSpeed config asks for, in harness terms; DeepSpeed's bf16 mode refused."""
+    if enabled(ds.get("bf16")) or enabled(ds.get("bfloat16")):
         raise ConfigError("DeepSpeed's bf16 mode casts BatchNorm to bf16 and breaks it: use a "
                           "\"torch_autocast\": {\"enabled\": true, \"dtype\": \"bfloat16\"} section instead "
                           "(e.g. ds_configs/zero2_bf16.json)")
-    if _enabled(ds.get("torch_autocast")):
-        dtype = str(ds["torch_autocast"].get("dtype", "bfloat16"))
-        if dtype not in _AUTOCAST_DTYPES:
-            raise ConfigError(f"deepspeed_config torch_autocast.dtype={dtype!r}: use bfloat16 (or an fp16 section)")
-        return _AUTOCAST_DTYPES[dtype]
-    if _enabled(ds.get("fp16")):
-        return "fp16"
-    return "fp32"
-
-
-def _fill_auto(ds: dict[str, Any], cfg: RunConfig, world_size: int) -> None:
-    micro, accum = cfg.data.batch_size, cfg.train.grad_accum
-    fills = {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": accum,
-             "train_batch_size": micro * accum * world_size}
-    for key, value in fills.items():
-        if ds.get(key, "auto") == "auto":
-            ds[key] = value
-        elif int(ds[key]) != value:
-            raise ConfigError(f"deepspeed_config {key}={ds[key]} disagrees with the run ({value} from "
-                              "data.batch_size, train.grad_accum and the world size): set it to \"auto\"")
-
-
-BUCKET_ELEMENTS = 50_000_000  # 200 MB of fp32 per bucket; DeepSpeed's 5e8 default is sized for LLMs
-_BUCKET_KEYS = ("reduce_bucket_size", "allgather_bucket_size", "stage3_prefetch_bucket_size")
-
-
-def _fill_buckets(zero: dict[str, Any], params: Optional[int]) -> None:
-    """Bucket sizes left "auto" (or absent, for configs built here): BUCKET_ELEMENTS, or the
-    model's parameter count when smaller. DeepSpeed allocates a whole reduce bucket whatever the
-    model size (2 GB of fp32 at its default), which would dwarf a small model's states."""
-    size = BUCKET_ELEMENTS if params is None else max(1, min(BUCKET_ELEMENTS, int(params)))
-    for key in _BUCKET_KEYS:
-        if zero.get(key, "auto") == "auto":
-            zero[key] = size
+    return deepspeed_json_fields(ds, "deepspeed_config")["precision"]
 
 
 def deepspeed_config(cfg: RunConfig, world_size: int, params: Optional[int] = None) -> dict[str, Any]:
@@ -105,12 +64,8 @@ def deepspeed_config(cfg: RunConfig, world_size: int, params: Optional[int] = No
     if par.zero_stage not in (1, 2, 3):
         raise ConfigError(f"parallel.zero_stage={par.zero_stage}: the deepspeed backend runs ZeRO stage 1, 2 or 3")
     if par.deepspeed_config:
-        try:
-            with open(par.deepspeed_config) as f:
-                ds = json.load(f)
-        except (OSError, json.JSONDecodeError) as err:
-            raise ConfigError(f"parallel.deepspeed_config={par.deepspeed_config!r} cannot be read: {err}") from err
-        stage = int(ds.get("zero_optimization", {}).get("stage", 0))
+        ds = read_deepspeed_json(par.deepspeed_config)
+        stage = deepspeed_json_fields(ds, par.deepspeed_config)["zero_stage"]
         if stage != par.zero_stage:
             raise ConfigError(f"{par.deepspeed_config} runs ZeRO stage {stage} but parallel.zero_stage="
                               f"{par.zero_stage}: make them agree")
@@ -130,14 +85,12 @@ def deepspeed_config(cfg: RunConfig, world_size: int, params: Optional[int] = No
             ds["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
         elif par.precision == "fp16":
             ds["torch_autocast"] = {"enabled": True, "dtype": "float16"}
-    ds = copy.deepcopy(ds)
+    ds = fill_auto(ds, cfg, world_size, params)
     ds["zero_allow_untested_optimizer"] = True  # our LARS/SGD is a client optimizer
     ds["gradient_clipping"] = float(ds.get("gradient_clipping", 0.0) or 0.0)
     if ds["gradient_clipping"] > 0:
         raise ConfigError("deepspeed_config gradient_clipping > 0: SEER's LARS runs without clipping of the "
                           "global norm; set it to 0")
-    _fill_auto(ds, cfg, world_size)
-    _fill_buckets(ds.setdefault("zero_optimization", {}), params)
     return ds
 
 
@@ -254,7 +207,7 @@ class ZeroEngine(Engine):
         check_precision_supported(cfg.parallel.precision, rt.device)
         self.ds_config = deepspeed_config(cfg, rt.world_size, sum(p.numel() for p in method.parameters()))
         self.stage = int(self.ds_config["zero_optimization"]["stage"])
-        if rt.device.type == "cpu" and _enabled(self.ds_config.get("fp16")):
+        if rt.device.type == "cpu" and enabled(self.ds_config.get("fp16")):
             raise ConfigError(f"{cfg.parallel.deepspeed_config} uses DeepSpeed's fp16 mode, which its CPU "
                               "accelerator refuses: leave parallel.deepspeed_config unset (fp16 then runs "
                               "through torch_autocast) or train on CUDA")

@@ -144,7 +144,7 @@ def _comm_dtype_bytes(ds: dict[str, Any]) -> list[int]:
 
 def zero_reduce_buckets(cfg: RunConfig, strategy: Strategy, world: int) -> int:
     """Bytes of DeepSpeed's contiguous reduce buckets, allocated whole whatever the model's
-    size (the harness sizes "auto" buckets to the model, `zero._fill_buckets`), one per
+    size (the harness sizes "auto" buckets to the model, `ds_json.fill_auto`), one per
     communication dtype. Stage 1/2 allocate them at the start of each backward, in the module
     weights' dtype, and free them when backward ends; stage 3 allocates them once, in each
     communication dtype, and keeps them (deepspeed 0.19.8, stage_1_and_2.setup_buckets,

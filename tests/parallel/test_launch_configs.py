@@ -22,10 +22,8 @@ from pathlib import Path
 import pytest
 
 from harness.config import ConfigError, RunConfig, load_config
-from harness.parallel.launchers import (
-    LaunchRequest, apply_launch_request, deepspeed_json_fields, detect_launch, fill_deepspeed_auto,
-    split_launcher_args,
-)
+from harness.parallel.ds_json import deepspeed_json_fields, fill_auto
+from harness.parallel.launchers import LaunchRequest, apply_launch_request, detect_launch, split_launcher_args
 
 REPO = Path(__file__).resolve().parents[2]
 DS_DIR = REPO / "ds_configs"
@@ -78,7 +76,7 @@ def test_deepspeed_json_parses_with_deepspeed_and_matches_its_name(path):
 
     cfg = RunConfig()
     cfg.data.batch_size, cfg.train.grad_accum = 16, 2
-    ds = DeepSpeedConfig(fill_deepspeed_auto(raw, cfg))  # pydantic: typos inside zero_optimization fail here
+    ds = DeepSpeedConfig(fill_auto(raw, cfg, world_size=1))  # pydantic: typos inside zero_optimization fail here
     want = NAME.fullmatch(path.name).groupdict()
     assert ds.zero_optimization_stage == int(want["stage"])
     assert ds.train_micro_batch_size_per_gpu == 16 and ds.gradient_accumulation_steps == 2
@@ -105,10 +103,17 @@ def test_deepspeed_json_parses_with_deepspeed_and_matches_its_name(path):
                                           "cpu_offload": offload}
 
 
-def test_fill_auto_refuses_what_it_cannot_fill():
-    with pytest.raises(ConfigError, match="cannot fill: zero_optimization.reduce_bucket_size"):
-        fill_deepspeed_auto({"zero_optimization": {"reduce_bucket_size": "auto"}}, RunConfig())
-    assert "train_batch_size" not in fill_deepspeed_auto({"train_batch_size": "auto"}, RunConfig())
+def test_fill_auto_fills_batches_and_buckets_and_refuses_the_rest():
+    cfg = RunConfig()
+    cfg.data.batch_size, cfg.train.grad_accum = 16, 2
+    out = fill_auto({"train_batch_size": "auto", "zero_optimization": {"reduce_bucket_size": "auto"}}, cfg,
+                    world_size=4, params=1000)
+    assert out["train_batch_size"] == 16 * 2 * 4 and out["gradient_accumulation_steps"] == 2
+    assert out["zero_optimization"]["reduce_bucket_size"] == 1000  # the model, when smaller than a bucket
+    with pytest.raises(ConfigError, match="cannot fill: zero_optimization.stage3_max_live_parameters"):
+        fill_auto({"zero_optimization": {"stage3_max_live_parameters": "auto"}}, cfg, world_size=1)
+    with pytest.raises(ConfigError, match="train_batch_size=64 disagrees with the run"):
+        fill_auto({"train_batch_size": 64}, cfg, world_size=1)
 
 
 # ---------------------------------------------------------------- Accelerate YAMLs and SLURM scripts
