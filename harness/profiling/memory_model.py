@@ -211,7 +211,8 @@ def transient(cfg: RunConfig, strategy: Strategy, world: int) -> int:
     """Backend buffers alive during forward/backward on top of activations."""
     s = shapes(apply_strategy(cfg, strategy))
     compute = FP32 if strategy.precision == "fp32" else LOW
-    unit_sizes = sorted((sum(s.tensors[i][0] for i in u) for u in s.units), reverse=True)
+    if strategy.backend in ("fsdp2", "fairscale"):
+        unit_sizes = sorted((sum(s.tensors[i][0] for i in u) for u in s.units), reverse=True)
     if strategy.backend == "fsdp2":
         # current + prefetched unit gathered, and one unit's reduce-scatter input. Without
         # resharding every unit stays gathered until backward, but the peak measured on

@@ -390,13 +390,12 @@ def unit_gathers(cfg: Any, strategy: Strategy, work: StepWork) -> tuple[str, int
     FSDP2 when not fp32), ZeRO-3 fetches per module that owns parameters."""
     from harness.profiling.memory_model import shapes
 
-    s = shapes(cfg)
     if strategy.backend == "deepspeed" and strategy.zero_stage == 3:
-        return "zero3", s.param_modules
+        return "zero3", shapes(cfg).param_modules
     if strategy.backend == "fairscale":
-        return "fairscale", len(s.units) + work.bn_layers
+        return "fairscale", len(shapes(cfg).units) + work.bn_layers
     if strategy.backend == "fsdp2":
-        return "fsdp2", len(s.units) + (work.bn_layers if strategy.precision != "fp32" else 0)
+        return "fsdp2", len(shapes(cfg).units) + (work.bn_layers if strategy.precision != "fp32" else 0)
     return "", 0
 
 
