@@ -8,10 +8,21 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
 
 from harness.config.loader import ConfigError
 
+if TYPE_CHECKING:  # imported lazily at run time, so that `harness config` answers quickly
+    from harness.config.schema import RunConfig
+    from harness.parallel.launchers import LaunchRequest
+    from harness.profiling.devices import DeviceProfile
+    from harness.profiling.records import Point
+
 DEFAULT_PRESET = "quickstart"
+
+
+def _add_dry_run(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--dry-run", action="store_true", help=what)
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -21,17 +32,46 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
                         help="dotted overrides, e.g. optim.weight_decay=1e-5 data.path=/images")
 
 
-def cmd_pretrain(args: argparse.Namespace) -> int:
+def _launch_config(args: argparse.Namespace, request: LaunchRequest, *, check_data: bool = True) -> RunConfig:
+    """The config as preset, overrides and launcher resolve it, checked like a run: one code path
+    for the run and its --dry-run, so that the dry run refuses exactly what the run refuses."""
     from harness.config import load_config
-    from harness.config.validate import validate
-    from harness.parallel.launchers import apply_launch_request, detect_launch
-    from harness.train.loop import pretrain
+    from harness.config.validate import env_local_world_size, resolve_device_type, validate, validate_launch
+    from harness.parallel.launchers import apply_launch_request
+    from harness.parallel.support import check_launch_supported
 
     cfg = load_config(args.config, args.overrides)
     # The launcher (accelerate config, deepspeed JSON, torchrun) decides the
     # backend where it says something; explicit overrides must agree with it.
-    cfg = apply_launch_request(cfg, detect_launch(), explicit=args.overrides)
+    cfg = apply_launch_request(cfg, request, explicit=args.overrides)
     validate(cfg)
+    device_type = resolve_device_type(cfg.train.device)
+    validate_launch(cfg, request.world_size, device_type, env_local_world_size(), check_data=check_data)
+    check_launch_supported(cfg, device_type, request.launcher)
+    return cfg
+
+
+def _dry_run(command: str, args: argparse.Namespace, request: LaunchRequest, *, synthetic_data: bool = False,
+             profile_name: str | None = None) -> int:
+    """Resolve, check and describe the run, then stop; other ranks stay silent (one block per launch)."""
+    if request.rank != 0:
+        return 0
+    from harness.dryrun import run_plan
+
+    cfg = _launch_config(args, request, check_data=not synthetic_data)
+    print(run_plan(command, cfg, request, synthetic_data=synthetic_data, profile_name=profile_name))
+    return 0
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from harness.parallel.launchers import detect_launch
+
+    request = detect_launch()
+    if args.dry_run:
+        return _dry_run("pretrain", args, request)
+    from harness.train.loop import pretrain
+
+    cfg = _launch_config(args, request)
     result = pretrain(cfg)
     if result.losses and result.is_main:
         print(f"done: {len(result.losses)} steps in {result.wall_seconds:.1f}s, "
@@ -61,81 +101,144 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+UNVALIDATED_MARK = "\u2020"  # dagger
+
+
+def _strategy_cell(point: Point) -> str:
+    """The label, marked where the backend has never run on several GPUs and this plan has it do so."""
+    from harness.parallel.support import multi_gpu_caveat
+
+    caveat = multi_gpu_caveat(point.strategy.backend, point.world_size)
+    return point.strategy.label + (UNVALIDATED_MARK if caveat else "")
+
+
 def _format_plan(points: list, top: int) -> str:
+    from harness.parallel.support import multi_gpu_caveat
     from harness.profiling.records import GIB
 
     rows = [f"{'strategy':18s} {'AC':3s} {'micro x accum':>13s} {'SyncBN':>6s} {'peak GiB':>9s} {'headroom':>9s} "
             f"{'step s':>7s} {'img/s/GPU':>9s}  fits"]
     for p in points[:top]:
         s = p.strategy
-        rows.append(f"{s.label:18s} {'on' if s.activation_checkpointing else 'off':3s} "
+        rows.append(f"{_strategy_cell(p):18s} {'on' if s.activation_checkpointing else 'off':3s} "
                     f"{f'{s.micro_batch} x {s.grad_accum}':>13s} "
                     f"{({0: 'all', -1: 'node'}).get(s.syncbn_group_size, str(s.syncbn_group_size)):>6s} "
                     f"{p.memory.peak / GIB:9.2f} "
                     f"{p.headroom / GIB:9.2f} {p.time.step:7.3f} {p.time.images_per_second:9.2f}  "
                     f"{'yes' if p.fits else 'no'}")
+    caveats = dict.fromkeys(c for p in points[:top] if (c := multi_gpu_caveat(p.strategy.backend, p.world_size)))
+    if caveats:
+        rows.append(f"{UNVALIDATED_MARK}: not yet validated on several GPUs ({'; '.join(caveats)})")
     return "\n".join(rows)
 
 
-def _devices(names: list[str]) -> list:
+def _words(values: list[str] | str) -> list[str]:
+    """`--gpus 8,64 512` -> ["8", "64", "512"]: list options take commas and spaces alike."""
+    values = [values] if isinstance(values, str) else values
+    return [word.strip() for value in values for word in str(value).split(",") if word.strip()]
+
+
+def _give_back_overrides(args: argparse.Namespace, *options: str) -> None:
+    """`key=value` words that a list option swallowed (`--gpus 8 16 optim.lr=1`: argparse cannot
+    tell where the list ends) go back to the overrides, in the order typed."""
+    for option in options:
+        values = getattr(args, option)
+        if values:
+            setattr(args, option, [v for v in values if "=" not in v])
+            args.overrides = [*args.overrides, *(v for v in values if "=" in v)]
+
+
+def _devices(names: list[str] | str) -> list[DeviceProfile]:
     """Device profiles by name, checked before any planning work; a bad name is a usage error."""
     from harness.profiling.devices import get_device
 
     try:
-        return [get_device(name) for name in names]
+        return [get_device(name) for name in _words(names)]
     except ValueError as err:
         raise ConfigError(f"{err} (see --device)") from err
 
 
-def _gpu_counts(text: str) -> list[int]:
+def _gpu_counts(values: list[str] | str) -> list[int]:
+    """Positive GPU counts from `--gpus 8,64 512`; anything else is a usage error."""
+    words = _words(values)
     try:
-        counts = [int(x) for x in str(text).split(",")]
+        counts = [int(x) for x in words]
     except ValueError:
         counts = []
     if not counts or min(counts) < 1:
-        raise ConfigError(f"--gpus {text!r}: give positive GPU counts, e.g. --gpus 512 or --gpus 8,64,512")
+        raise ConfigError(f"--gpus {','.join(words)!r}: give positive GPU counts, e.g. --gpus 512, "
+                          "--gpus 8,64,512 or --gpus 8 64 512")
     return counts
 
 
+def _plan_header(cfg: RunConfig, device: DeviceProfile, gpus: int) -> str:
+    """What is being planned, precision included (the planner's, when training refuses the config's)."""
+    from harness.profiling.planner import plan_precision
+
+    precision, why = plan_precision(cfg, device)
+    numerics = precision if why is None else f"{precision} (not the config's {cfg.parallel.precision}: {why})"
+    return (f"{cfg.name}: {gpus} x {device.name}, precision {numerics}, "
+            f"{cfg.data.batch_size * cfg.train.grad_accum} images per GPU per step, "
+            f"crops {' + '.join(f'{c.count}x{c.size}' for c in cfg.data.crops)}")
+
+
+def _best_line(choice: Point) -> str:
+    """The recommendation, with the caveat when the backend has not run on several GPUs."""
+    from harness.parallel.support import multi_gpu_caveat
+
+    s = choice.strategy
+    group = {0: "all ranks", -1: "one node"}.get(s.syncbn_group_size, f"{s.syncbn_group_size} ranks")
+    caveat = multi_gpu_caveat(s.backend, choice.world_size)
+    return (f"best: {_strategy_cell(choice)}, "
+            f"activation checkpointing {'on' if s.activation_checkpointing else 'off'}, "
+            f"micro-batch {s.micro_batch} x {s.grad_accum}, SyncBN over {group}: "
+            f"{choice.time.images_per_second:.2f} images/s per GPU, "
+            f"{choice.days_for(1e9):.1f} days for 1B images ({choice.headroom / 2**30:.1f} GiB headroom)"
+            + (f"; {UNVALIDATED_MARK} not yet validated on several GPUs: {caveat}" if caveat else ""))
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
+    """One table per GPU count; exit status 1 when nothing fits at some count."""
     import json
 
     from harness.config import load_config
     from harness.profiling.planner import best, search
 
-    (device,), (gpus,) = _devices([args.device]), _gpu_counts(args.gpus)
+    _give_back_overrides(args, "gpus")
+    (device,), counts = _devices([args.device]), _gpu_counts(args.gpus)
     cfg = load_config(args.config, args.overrides)
-    args.gpus = gpus
-    points = search(cfg, device, args.gpus, progress=not args.json)
-    if args.json:
-        print(json.dumps([p.to_dict() for p in points], indent=1))
+    if args.dry_run:
+        from harness.dryrun import plan_plan
+
+        print(plan_plan(cfg, device, counts))
         return 0
-    choice = best(points)
-    print(f"{cfg.name}: {args.gpus} x {device.name}, {cfg.data.batch_size * cfg.train.grad_accum} images per GPU "
-          f"per step, crops {' + '.join(f'{c.count}x{c.size}' for c in cfg.data.crops)}")
-    print(_format_plan(points, args.top))
-    if choice is None:
-        print("nothing fits: try more GPUs, a smaller micro-batch, or a device with more memory")
-        return 1
-    s = choice.strategy
-    group = {0: "all ranks", -1: "one node"}.get(s.syncbn_group_size, f"{s.syncbn_group_size} ranks")
-    print(f"best: {s.label}, activation checkpointing {'on' if s.activation_checkpointing else 'off'}, "
-          f"micro-batch {s.micro_batch} x {s.grad_accum}, SyncBN over {group}: "
-          f"{choice.time.images_per_second:.2f} images/s per GPU, "
-          f"{choice.days_for(1e9):.1f} days for 1B images ({choice.headroom / 2**30:.1f} GiB headroom)")
-    return 0
+    plans = [(gpus, search(cfg, device, gpus, progress=not args.json)) for gpus in counts]
+    if args.json:
+        print(json.dumps([p.to_dict() for _, points in plans for p in points], indent=1))
+        return 0
+    status = 0
+    for gpus, points in plans:
+        choice = best(points)
+        print(_plan_header(cfg, device, gpus))
+        print(_format_plan(points, args.top))
+        if choice is None:
+            print("nothing fits: try more GPUs, a smaller micro-batch, or a device with more memory")
+            status = 1
+        else:
+            print(_best_line(choice))
+    return status
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
-    from harness.config import load_config
-    from harness.config.validate import validate
-    from harness.parallel.launchers import apply_launch_request, detect_launch
+    from harness.parallel.launchers import detect_launch
+
+    request = detect_launch()
+    if args.dry_run:
+        return _dry_run("profile", args, request, synthetic_data=True, profile_name=args.device)
     from harness.profiling.measure import profile
     from harness.profiling.records import GIB
 
-    cfg = load_config(args.config, args.overrides)
-    cfg = apply_launch_request(cfg, detect_launch(), explicit=args.overrides)
-    validate(cfg)
+    cfg = _launch_config(args, request, check_data=False)  # profile feeds synthetic crops
     points = profile(cfg, steps=args.steps, warmup=args.warmup, device_name=args.device,
                      trace_dir=args.trace, memory_snapshot=args.memory_snapshot)
     if len(points) < max(1, points[0].world_size):
@@ -167,17 +270,26 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from harness.config import load_config
-    from harness.profiling.planner import sweep
+    from harness.profiling.planner import predict_measured, sweep
     from harness.profiling.report import headline_table, read_points, write_report
 
+    _give_back_overrides(args, "configs", "devices", "gpus", "measured")
     worlds, devices = _gpu_counts(args.gpus), _devices(args.devices)
-    configs = [load_config(preset, args.overrides) for preset in args.configs]
+    configs = [load_config(preset, args.overrides) for preset in _words(args.configs)]
+    if args.dry_run:
+        from harness.dryrun import report_plan
+
+        print(report_plan(configs, devices, worlds, _words(args.measured or []), args.out))
+        return 0
     points = []
     for cfg in configs:
         for device in devices:
             points.extend(sweep(cfg, device, worlds))
-    for path in args.measured or []:
-        points.extend(p.with_source("measured") for p in read_points(path))
+    measured = [p.with_source("measured") for path in _words(args.measured or []) for p in read_points(path)]
+    twins, unmatched = predict_measured(measured, configs, devices, have=points)
+    for line in unmatched:
+        print(line)
+    points += twins + measured
     paths = write_report(points, args.out, title=args.title)
     print(headline_table(points))
     print("wrote " + ", ".join(str(p) for p in paths.values()))
@@ -190,6 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("pretrain", help="SwAV pretraining (default: the CPU quickstart on built-in photos)")
     _add_config_args(p)
+    _add_dry_run(p, "resolve and check the run (launcher, backend, batch, LR, data, device, memory), print it, stop")
     p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser("models", help="table of trunk presets: widths, depths, params, GFLOPs")
@@ -201,9 +314,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--device", default="v100-32gb", help="device profile (v100-32gb, a100-40gb, a100-80gb, "
                    "h100-80gb, h200-141gb, cpu) or a YAML file")
-    p.add_argument("--gpus", default="8", help="number of GPUs (ranks)")
+    p.add_argument("--gpus", nargs="+", default=["8"], help="number of GPUs (ranks); several plan each, "
+                   "e.g. --gpus 8,64 or --gpus 8 64")
     p.add_argument("--top", type=int, default=15, help="rows to show")
     p.add_argument("--json", action="store_true", help="every prediction as JSON")
+    _add_dry_run(p, "resolve config, device and GPU counts, say how many strategies would be predicted, stop")
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("profile", help="measure real steps per rank: memory by category, time split, MFU")
@@ -214,15 +329,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trace", metavar="DIR", help="torch.profiler chrome trace per rank")
     p.add_argument("--memory-snapshot", metavar="DIR", help="CUDA memory snapshot per rank")
     p.add_argument("--out", metavar="FILE", help="write the measured points (JSON, for `harness report --measured`)")
+    _add_dry_run(p, "resolve and check the run like `harness pretrain --dry-run`, print it, stop")
     p.set_defaults(func=cmd_profile)
 
     p = sub.add_parser("report", help="scaling report: sweep GPU counts, write JSON/CSV/Markdown and plots")
-    p.add_argument("--configs", nargs="+", default=["quickstart"], help="presets or YAML paths")
-    p.add_argument("--devices", nargs="+", default=["v100-32gb"])
-    p.add_argument("--gpus", default="8,16,32,64,128,256,512", help="comma-separated GPU counts")
-    p.add_argument("--measured", nargs="*", help="points.json files of measured runs to plot beside")
+    p.add_argument("--configs", nargs="+", default=["quickstart"],
+                   help="presets or YAML paths, by commas or spaces (quickstart,seer_regnety_8gf)")
+    p.add_argument("--devices", nargs="+", default=["v100-32gb"], help="device profiles, by commas or spaces")
+    p.add_argument("--gpus", nargs="+", default=["8,16,32,64,128,256,512"],
+                   help="GPU counts, by commas or spaces (8,64,512 or 8 64 512)")
+    p.add_argument("--measured", nargs="*", help="points files of `harness profile --out`, compared with the "
+                   "planner's prediction for the same settings (pass the overrides the profile ran with)")
     p.add_argument("--out", default="report", help="output folder")
     p.add_argument("--title", default="harness scaling report")
+    _add_dry_run(p, "resolve configs, devices, GPU counts and --measured files, say what would be predicted, stop")
     p.add_argument("overrides", nargs="*", metavar="key.path=value", help="applied to every config")
     p.set_defaults(func=cmd_report)
 

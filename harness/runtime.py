@@ -61,12 +61,13 @@ def init_process_group(device: torch.device, rank: int, world_size: int) -> None
 
     Every distributed backend is allowed at world size 1 (a debugging run of
     a multi-GPU config, or one GPU), and DDP/FSDP2/DeviceMesh all need a
-    process group even then. torchrun exports MASTER_ADDR/PORT, so env://
-    works; a plain `python -m harness` does not, and a 1-rank group needs no
-    rendezvous, so an in-memory store stands in for it.
+    process group even then. A 1-rank group needs no rendezvous, so an
+    in-memory store stands in for env:// whatever the launcher exported: a
+    plain `python -m harness` exports nothing, and `accelerate launch --cpu`
+    exports MASTER_ADDR but no RANK, which env:// would refuse.
     """
     backend = "nccl" if device.type == "cuda" else "gloo"
-    if world_size == 1 and "MASTER_ADDR" not in os.environ:
+    if world_size == 1:
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     else:
         dist.init_process_group(backend)

@@ -49,7 +49,13 @@ def _preset_path(name: str) -> Path:
 
 
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
-    """Read a YAML file, resolving `inherit: base` chains (child keys win)."""
+    """Read a YAML file, resolving `inherit: base` chains (child keys win).
+
+    A file without `inherit:` sits on the dataclass defaults of `schema.py`
+    (which validate as a run), not on an implicit preset: the file plus the
+    schema is then the whole config, and its meaning cannot change when a
+    preset is retuned. `inherit: quickstart` opts into a preset explicitly.
+    """
     if path in seen:
         raise ConfigError(f"config inheritance loops through {path}")
     with open(path) as f:
@@ -59,8 +65,16 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     base = data.pop(INHERIT_KEY, None)
     if base is None:
         return data
-    base_path = _preset_path(base) if not str(base).startswith(".") else (path.parent / base)
-    return _merge(_read_yaml(base_path, seen + (path,)), data)
+    return _merge(_read_yaml(_base_path(path, str(base)), seen + (path,)), data)
+
+
+def _base_path(child: Path, base: str) -> Path:
+    """`inherit:` names a preset or a YAML file; a relative file is read beside the
+    file that inherits it, not from the working directory, so configs move together."""
+    candidate = Path(base).expanduser()
+    if candidate.suffix in (".yaml", ".yml") and not candidate.is_absolute():
+        candidate = child.parent / candidate
+    return _preset_path(str(candidate))
 
 
 def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:

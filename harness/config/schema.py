@@ -92,7 +92,7 @@ class DataConfig:
 class SwAVConfig:
     """SwAV head, prototypes, Sinkhorn and loss (Caron et al. 2020; SEER 3.3)."""
 
-    head_dims: list[int] = field(default_factory=lambda: [784, 2048, 2048, 128])
+    head_dims: list[int] = field(default_factory=lambda: [768, 2048, 2048, 128])  # regnety_800mf ends at 768
     head_batchnorm: bool = False  # SEER: no BN in the head; VISSL's SwAV base has it
     num_prototypes: list[int] = field(default_factory=lambda: [3000])
     temperature: float = 0.1
@@ -167,6 +167,8 @@ class ParallelConfig:
     shard_group_size: int = 0  # fsdp2 hybrid: shard within groups of N ranks (a node), replicate across; 0: all ranks
     cpu_offload: bool = False  # fsdp2 CPUOffloadPolicy; deepspeed offload of optimizer state (and params at ZeRO-3)
     zero_stage: int = 2  # deepspeed: 1, 2 or 3
+    allow_slow_cpu_fp16: bool = False  # fp16 on CPU is refused (11-13x slower than fp32); true runs it
+    # anyway, for tests of the fp16 code paths (loss scaler, overflow skipping) on a CPU-only machine
     deepspeed_config: Optional[str] = None  # a DeepSpeed JSON (e.g. ds_configs/zero3_fp16.json); its zero stage
     # and precision must agree with this section, batch fields are filled from data/train
 

@@ -8,8 +8,12 @@ hours into a 512-GPU job.
 
 from __future__ import annotations
 
+import os
+import shlex
+from pathlib import Path
+
 from harness.config.loader import ConfigError
-from harness.config.schema import RunConfig
+from harness.config.schema import DataConfig, RunConfig
 
 BACKENDS = ("none", "ddp", "fsdp2", "deepspeed", "fairscale")
 PRECISIONS = ("fp32", "fp16", "bf16")
@@ -30,8 +34,8 @@ def validate(cfg: RunConfig) -> None:
     _check_model_and_head(cfg)
     _check_crops(cfg)
     _check_swav(cfg)
+    _check_train(cfg)  # first: the warmup rule in _check_optim needs a valid run length
     _check_optim(cfg)
-    _check_train(cfg)
 
 
 def _check_model_and_head(cfg: RunConfig) -> None:
@@ -88,6 +92,8 @@ def _check_crops(cfg: RunConfig) -> None:
     )
     _require(cfg.data.batch_size >= 1, f"data.batch_size={cfg.data.batch_size} must be at least 1")
     _require(cfg.data.num_workers >= 0, f"data.num_workers={cfg.data.num_workers} must be >= 0")
+    _require(any(e.strip(".") for e in cfg.data.extensions),
+             "data.extensions is empty: list the file endings to load, e.g. data.extensions=[.jpg,.png]")
     aug = cfg.data.augment
     for name in ("flip_p", "jitter_p", "grayscale_p", "blur_p"):
         p = getattr(aug, name)
@@ -119,18 +125,35 @@ def _check_optim(cfg: RunConfig) -> None:
     _require(sch.base_batch > 0, "schedule.base_batch must be > 0")
     _require(sch.start_lr >= 0, "schedule.start_lr must be >= 0")
     _require(sch.warmup_iters >= 0, "schedule.warmup_iters must be >= 0")
-    _require(
-        sch.warmup_iters <= cfg.train.iterations,
-        f"schedule.warmup_iters={sch.warmup_iters} exceeds train.iterations={cfg.train.iterations}: "
-        "shorten the warmup or train longer",
-    )
+    _check_warmup(sch.warmup_iters, cfg.train.iterations)
     _require(0 <= sch.final_lr_ratio <= 1, "schedule.final_lr_ratio must be in [0, 1]")
     _require(0 < sch.plateau_factor < 1, "schedule.plateau_factor must be in (0, 1)")
 
 
+def _check_warmup(warmup: int, iterations: int) -> None:
+    """A warmup longer than the run never reaches the peak LR, so the cosine never starts.
+
+    An error rather than a silent clamp: the presets' warmups (SEER: 6K-8K
+    steps) are part of the recipe, and a short try-out of a preset is the
+    usual way to get here, so the message suggests a tenth of the run.
+    """
+    _require(
+        warmup <= iterations,
+        f"schedule.warmup_iters={warmup} is longer than the run (train.iterations={iterations}): "
+        f"set schedule.warmup_iters={_warmup_suggestion(iterations)} "
+        f"or train.iterations={warmup} or more",
+    )
+
+
+def _warmup_suggestion(iterations: int) -> str:
+    tenth = iterations // 10
+    return f"{tenth} (a tenth of the run)" if tenth else "0 (no warmup)"
+
+
 def _check_train(cfg: RunConfig) -> None:
     t, p = cfg.train, cfg.parallel
-    _require(t.iterations >= 1, f"train.iterations={t.iterations} must be >= 1")
+    _require(t.iterations >= 1,
+             f"train.iterations={t.iterations} must be >= 1 (optimizer steps to run), e.g. train.iterations=100")
     _require(t.grad_accum >= 1, f"train.grad_accum={t.grad_accum} must be >= 1")
     _require(t.log_every >= 1, "train.log_every must be >= 1")
     _require(t.checkpoint_every >= 0, "train.checkpoint_every must be >= 0 (0: final checkpoint only)")
@@ -141,3 +164,115 @@ def _check_train(cfg: RunConfig) -> None:
     _require(cfg.world_size >= 1, "world_size must be >= 1")
     if p.stage_checkpoints is not None:
         _require(len(p.stage_checkpoints) == 4, "parallel.stage_checkpoints needs one list per stage (4)")
+
+
+# ------------------------------------------------------------------ launch
+
+# A SEER preset shrunk to a CPU try-out (the same recipe, a small trunk and
+# batch, a short run); validate_launch's message quotes it and the tests
+# check that it passes validate + validate_launch on every SEER preset.
+CPU_TRYOUT_OVERRIDES: tuple[str, ...] = (
+    "parallel.precision=fp32", "parallel.backend=none", "parallel.stage_checkpoints=null",
+    "model.arch=regnety_200mf", "swav.head_dims=[368,512,128]", "data.batch_size=8", "data.num_workers=1",
+    "train.iterations=20", "schedule.warmup_iters=2",
+)
+
+
+def resolve_device_type(device: str) -> str:
+    """"cpu" or "cuda" for a train.device value ("auto": cuda when one is visible)."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def env_local_world_size() -> int | None:
+    """Ranks on this node as torchrun/accelerate export them (what syncbn.py reads), or None."""
+    value = os.environ.get("LOCAL_WORLD_SIZE", "")
+    return int(value) if value.isdigit() and int(value) > 0 else None
+
+
+def validate_launch(cfg: RunConfig, world_size: int, device_type: str, local_world_size: int | None = None,
+                    *, check_data: bool = True) -> None:
+    """Rules that need the launch: how many ranks, on what device, reading which files.
+
+    Kept apart from `validate`, which also serves `harness config show` and
+    `harness plan` on machines that will never run the config (a laptop
+    planning a cluster job must not need the cluster's data folder). Call it
+    right after `validate`, before any process group, model or loader.
+    `check_data=False` for commands that feed synthetic crops (profile).
+    """
+    _check_gpu_preset(cfg, device_type)
+    _check_syncbn_groups(cfg.parallel.syncbn_group_size, world_size, local_world_size)
+    if check_data:
+        check_data_path(cfg.data)
+
+
+def _check_gpu_preset(cfg: RunConfig, device_type: str) -> None:
+    """A SEER preset on a CPU does not fail, it crawls (fp16 on CPU alone is 11-13x slower
+    than fp32), which users read as a hang; say so at once. Only while precision is
+    fp16, the presets' GPU setting: any other precision means the user chose to run it,
+    and so does parallel.allow_slow_cpu_fp16 (the fp16-on-CPU opt-in of train/precision)."""
+    if device_type != "cpu" or not cfg.name.startswith("seer_") or cfg.parallel.precision != "fp16":
+        return
+    if getattr(cfg.parallel, "allow_slow_cpu_fp16", False):
+        return
+    raise ConfigError(
+        f"{cfg.name} is a GPU preset (fp16, {cfg.model.arch}, {cfg.data.num_workers} loader workers) "
+        "and this run is on the CPU: try `harness pretrain -c quickstart` (the same recipe for a CPU), "
+        f"or shrink it: {' '.join(shlex.quote(o) for o in CPU_TRYOUT_OVERRIDES)} "
+        "(parallel.precision=fp32 alone runs it full size)"
+    )
+
+
+def _check_syncbn_groups(size: int, world_size: int, local_world_size: int | None) -> None:
+    """BN groups must tile the ranks; syncbn.py would raise only after the process group exists.
+
+    A size that is a multiple of the world (a preset's 32 or 64 on 8 GPUs) is
+    the recipe's group on a smaller launch: all ranks, as syncbn.py does.
+    Any other size that does not divide the world is a mistake (3 on 2 ranks).
+    """
+    if world_size <= 1 or size == 0:
+        return  # one rank syncs nothing; 0 is all ranks
+    key = f"parallel.syncbn_group_size={size}"
+    if size == -1:
+        if not local_world_size:
+            raise ConfigError(f"{key} (one node) needs LOCAL_WORLD_SIZE, which this launch does not set: "
+                              "set parallel.syncbn_group_size to the ranks per node, or 0 (all ranks)")
+        size, key = local_world_size, f"{key} (one node: {local_world_size} ranks)"
+    if world_size % size == 0 or size % world_size == 0:
+        return
+    divisor = max(d for d in range(1, min(size, world_size) + 1) if world_size % d == 0)
+    raise ConfigError(f"{key} does not divide the world size {world_size}: "
+                      f"set parallel.syncbn_group_size={divisor} or 0 (all {world_size} ranks)")
+
+
+def check_data_path(data: DataConfig) -> None:
+    """data.path must be a folder holding at least one image; the loader would
+    otherwise fail after the model and process group are built. Stops at the first
+    image, so a folder of a billion files costs one directory read."""
+    from harness.data.images import first_image
+
+    if not data.path:
+        _check_builtin_photos()
+        return
+    root = Path(data.path).expanduser()
+    _require(root.exists(), f"data.path={data.path!r} does not exist: set data.path to a folder of images, "
+                            "or data.path=null for the built-in photos")
+    _require(root.is_dir(), f"data.path={data.path!r} is a file, not a folder: set data.path to the folder "
+                            f"that holds the images (data.path={str(root.parent)!r}?)")
+    exts = ",".join(sorted({"." + e.lower().lstrip(".") for e in data.extensions if e.strip(".")}))
+    _require(first_image(root, data.extensions) is not None,
+             f"data.path={data.path!r} holds no images (searched recursively for {exts}): set data.path "
+             "to a folder of images, or add their file ending to data.extensions")
+
+
+def _check_builtin_photos() -> None:
+    """The built-in photos come with scikit-image; its absence is a setup fix, not a traceback."""
+    from harness.data.builtin import builtin_image_paths
+
+    try:
+        builtin_image_paths()
+    except (ModuleNotFoundError, FileNotFoundError) as err:
+        raise ConfigError(f"data.path=null (built-in photos): {err}") from None

@@ -121,3 +121,26 @@ def _auto_keys(node: Any, prefix: str = "") -> Iterable[str]:
             yield from _auto_keys(value, f"{prefix}{key}.")
     elif node == "auto":
         yield prefix.rstrip(".")
+
+
+def cpu_refusal(path: Optional[str], launcher: str = "none") -> Optional[str]:
+    """Why the DeepSpeed JSON at `path` cannot train on a CPU, naming the file to use instead.
+
+    DeepSpeed's CPU accelerator has no fp16 mode, and its ``fp16`` section
+    casts the model to half. The shipped fp16 files have a bf16 twin
+    (torch_autocast), which trains on CPUs and on A100/H100s alike; the way
+    to name it depends on who chose the file, so the message says how for
+    that launcher rather than asking to unset a setting the user never typed.
+    """
+    if not path or not enabled(read_deepspeed_json(path).get("fp16")):
+        return None
+    name = Path(path).name
+    twin = resolve_path(path).with_name(name.replace("fp16", "bf16"))
+    if "fp16" not in name or not twin.is_file():
+        return (f"DeepSpeed config {path} uses DeepSpeed's fp16 mode, which CPUs cannot run: use a "
+                "torch_autocast bf16 config (e.g. ds_configs/zero2_bf16.json) or train on CUDA GPUs")
+    shown = str(Path(path).with_name(twin.name))
+    how = {"accelerate": f"launch/accelerate/{name.split('_')[0]}_bf16.yaml, or add --deepspeed_config_file "
+                         f"{shown} to accelerate launch",
+           "deepspeed": f"--deepspeed_config {shown}"}.get(launcher, f"parallel.deepspeed_config={shown}")
+    return f"DeepSpeed config {path} uses DeepSpeed's fp16 mode, which CPUs cannot run: on CPU use its bf16 twin ({how})"

@@ -20,6 +20,23 @@ from harness.runtime import Runtime
 from harness.ssl.swav import SwAV
 
 
+def select_cpu_kernels(precision: str, device: torch.device) -> None:
+    """bf16 on a CPU runs its convolutions without oneDNN.
+
+    Why: oneDNN's bf16 convolution backward (torch 2.14.1, this project's CPU
+    machine) returned NaN weight gradients for RegNetY-200MF's grouped stride-2
+    convolution from finite inputs (autograd anomaly mode names
+    ConvolutionBackward0): in 1 of 4 single-process runs and in every 2-rank
+    run tried, while 4 of 4 runs without oneDNN stayed finite. DDP and FSDP2
+    then applied NaN steps and ZeRO skipped every step. The price is speed
+    (quickstart-size step, 16 images: 21 s instead of 2.5 s), and bf16 is no
+    faster than fp32 on this CPU anyway (2.2 s), so CPU bf16 is for testing
+    the GPU code path. Set by every engine as it is built, as it is process-wide state.
+    """
+    if device.type == "cpu":
+        torch.backends.mkldnn.enabled = precision != "bf16"
+
+
 class Engine(ABC):
     """A built backend: the SwAV method, wrapped, with its optimizer and numerics."""
 
@@ -29,6 +46,7 @@ class Engine(ABC):
         self.method = method  # unwrapped: prototypes, loss, hooks of the SSL method
         self.cfg = cfg
         self.rt = rt
+        select_cpu_kernels(cfg.parallel.precision, rt.device)
 
     @abstractmethod
     def forward_backward(self, crops: list[torch.Tensor], step: int) -> tuple[float, dict[str, float]]:

@@ -30,19 +30,20 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from harness.config.loader import ConfigError
 from harness.config.schema import RunConfig
 from harness.optim import build_optimizer
+from harness.parallel.support import FAIRSCALE_NEEDS_CUDA, backend_refusal, device_kind
 from harness.parallel.torch_engine import TorchEngine
 from harness.runtime import Runtime
 from harness.ssl.swav import SwAV
 from harness.train.precision import check_precision_supported
 
-CPU_REFUSAL = ("parallel.backend=fairscale needs CUDA GPUs (fairscale FSDP has no CPU path); "
-               "use fsdp2 or deepspeed")
+CPU_REFUSAL = FAIRSCALE_NEEDS_CUDA  # support.py holds the rule, for training and the planner alike
 
 
 def require_cuda(device: torch.device) -> None:
     """Cheap check, first thing: no model, process group or import work before it."""
-    if device.type != "cuda" or not torch.cuda.is_available():
-        raise ConfigError(CPU_REFUSAL)
+    reason = backend_refusal("fairscale", device_kind(device))
+    if reason:
+        raise ConfigError(reason)
 
 
 def wrap_plan(module: nn.Module, min_params: int) -> list[str]:

@@ -27,6 +27,7 @@ restarts with a warning, until sharded (DCP) checkpoints arrive.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
@@ -37,7 +38,7 @@ from harness.config.loader import ConfigError
 from harness.config.schema import RunConfig
 from harness.optim.build import param_groups
 from harness.optim.segmented_lars import FlatLayout, SegmentedLARS, layout_from_ranges
-from harness.parallel.ds_json import deepspeed_json_fields, enabled, fill_auto, read_deepspeed_json
+from harness.parallel.ds_json import cpu_refusal, deepspeed_json_fields, enabled, fill_auto, read_deepspeed_json
 from harness.parallel.engine import Engine
 from harness.runtime import Runtime
 from harness.ssl.swav import SwAV
@@ -85,13 +86,49 @@ def deepspeed_config(cfg: RunConfig, world_size: int, params: Optional[int] = No
             ds["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
         elif par.precision == "fp16":
             ds["torch_autocast"] = {"enabled": True, "dtype": "float16"}
+    refuse_unsupported_layouts(ds, par.deepspeed_config or "the generated DeepSpeed config")
     ds = fill_auto(ds, cfg, world_size, params)
     ds["zero_allow_untested_optimizer"] = True  # our LARS/SGD is a client optimizer
+    # ZeRO-Offload refuses any client optimizer unless told otherwise; LARS has no DeepSpeed CPU kernel.
+    ds.setdefault("zero_force_ds_cpu_optimizer", False)
     ds["gradient_clipping"] = float(ds.get("gradient_clipping", 0.0) or 0.0)
     if ds["gradient_clipping"] > 0:
         raise ConfigError("deepspeed_config gradient_clipping > 0: SEER's LARS runs without clipping of the "
                           "global norm; set it to 0")
     return ds
+
+
+# zero_optimization options that move parameters into layouts SegmentedLARS and MasterWeights
+# do not read (secondary or MiCS partitions, quantized copies), with their "off" values.
+UNSUPPORTED_ZERO_OPTIONS = {
+    "mics_shard_size": (-1, None),
+    "zero_hpz_partition_size": (1, None),
+    "zero_quantized_weights": (False, None),
+    "zero_quantized_nontrainable_weights": (False, None),
+    "zero_quantized_gradients": (False, None),
+}
+
+
+def refuse_unsupported_layouts(ds: dict[str, Any], where: str) -> None:
+    """Refuse ZeRO layouts whose partitions the harness cannot read exactly.
+
+    Checked on CPU against DDP (tests/parallel/test_conformance.py): stages 1-3,
+    round_robin_gradients, overlap_comm, contiguous_gradients, reduce_scatter,
+    bucket sizes, stage-3 sub-groups and persistence, optimizer/parameter
+    offload to CPU. The options below are not: they keep extra partitions or
+    quantized copies that per-parameter LARS norms and prototype
+    normalisation would not see.
+    """
+    zero = ds.get("zero_optimization") or {}
+    for key, off in UNSUPPORTED_ZERO_OPTIONS.items():
+        if zero.get(key, off[0]) not in off:
+            raise ConfigError(f"{where}: zero_optimization.{key}={zero[key]!r} is not supported with the harness's "
+                              f"LARS (it reads ZeRO's plain partitions only): remove it or set it to {off[0]!r}")
+    for section in ("offload_optimizer", "offload_param"):
+        device = str((zero.get(section) or {}).get("device", "none")).lower()
+        if device not in ("none", "cpu"):
+            raise ConfigError(f"{where}: zero_optimization.{section}.device={device!r} is not supported "
+                              "(only \"cpu\" offload is tested): use \"cpu\" or \"none\"")
 
 
 def import_deepspeed(device: torch.device) -> Any:
@@ -107,49 +144,121 @@ def import_deepspeed(device: torch.device) -> Any:
 
 # ----------------------------------------------------------------- layouts
 
-def stage12_layouts(zero_opt: Any) -> dict[int, FlatLayout]:
+# One run of a flat fp32 partition: (param index, start in the flat, start in the flattened param, length).
+Piece = tuple[int, int, int, int]
+
+
+@dataclass
+class FlatPieces:
+    """What one ZeRO flat partition of this rank holds, read from ZeRO's bookkeeping once."""
+
+    flat: torch.Tensor
+    group: Any
+    params: list[nn.Parameter]
+    pieces: list[Piece]
+
+    def layout(self) -> FlatLayout:
+        layout = layout_from_ranges(self.params, [(k, at, n) for k, at, _, n in self.pieces],
+                                    self.flat.numel(), self.group)
+        layout.validate(self.flat.numel())
+        return layout
+
+
+def stage12_pieces(zero_opt: Any) -> list[FlatPieces]:
     """Stage 1/2 (`DeepSpeedZeroOptimizer`, deepspeed 0.19.8): group i is flattened
     as ``round_robin_bit16_groups[i]`` at ``round_robin_bit16_offsets[i]`` (alignment
     padding between and after), cut into equal ``partition_size[i]`` slices; rank
-    r's ``single_partition_of_fp32_groups[i]`` is slice r."""
-    layouts: dict[int, FlatLayout] = {}
+    r's ``single_partition_of_fp32_groups[i]`` is slice r. With
+    ``round_robin_gradients`` the flattening order is not the parameter order."""
+    out = []
     for i, flat in enumerate(zero_opt.single_partition_of_fp32_groups):
         group = zero_opt.real_dp_process_group[i]
         size = int(zero_opt.partition_size[i])
         lo = dist.get_rank(group=group) * size
         params = list(zero_opt.bit16_groups[i])
         index = {id(p): k for k, p in enumerate(params)}
-        ranges = []
+        pieces = []
         for p, meta, offset in zip(zero_opt.round_robin_bit16_groups[i], zero_opt.round_robin_bit16_meta[i],
                                    zero_opt.round_robin_bit16_offsets[i]):
             start, end = max(offset, lo), min(offset + meta.numel(), lo + size)
             if start < end:
-                ranges.append((index[id(p)], start - lo, end - start))
-        layout = layout_from_ranges(params, ranges, flat.numel(), group)
-        layout.validate(flat.numel())
-        layouts[id(flat)] = layout
-    return layouts
+                pieces.append((index[id(p)], start - lo, start - offset, end - start))
+        out.append(FlatPieces(flat, group, params, pieces))
+    return out
 
 
-def stage3_layouts(zero_opt: Any) -> dict[int, FlatLayout]:
+def stage3_pieces(zero_opt: Any) -> list[FlatPieces]:
     """Stage 3 (`DeepSpeedZeroOptimizer_Stage3`): sub-group s is ``fp16_groups[s]``;
     each parameter's ``ds_tensor`` (``partition_numel()`` elements = elements
     [r*pn, (r+1)*pn) of the flattened parameter, padded past ``ds_numel``) is
     concatenated in order into ``fp32_partitioned_groups_flat[s]``."""
-    layouts: dict[int, FlatLayout] = {}
+    out = []
     for s, flat in enumerate(zero_opt.fp32_partitioned_groups_flat):
         group = zero_opt.sub_group_process_groups[s]
         rank = dist.get_rank(group=group)
         params = list(zero_opt.fp16_groups[s])
-        ranges, cursor = [], 0
+        pieces, cursor = [], 0
         for k, p in enumerate(params):
             pn = int(p.partition_numel())
-            ranges.append((k, cursor, max(0, min(pn, int(p.ds_numel) - rank * pn))))
+            pieces.append((k, cursor, rank * pn, max(0, min(pn, int(p.ds_numel) - rank * pn))))
             cursor += pn
-        layout = layout_from_ranges(params, ranges, flat.numel(), group)
-        layout.validate(flat.numel())
-        layouts[id(flat)] = layout
-    return layouts
+        out.append(FlatPieces(flat, group, params, pieces))
+    return out
+
+
+class MasterWeights:
+    """Full fp32 master weights read from, and written to, this rank's flat partitions.
+
+    Why not DeepSpeed's ``safe_get_full_fp32_param``/``safe_set_full_fp32_param``:
+    in deepspeed 0.19.8 their fragment map (``link_hp_params``) walks the
+    parameters in their original order unless alignment padding exists, but
+    ``round_robin_gradients`` flattens them in another order. Without padding
+    (fp32 on CPU) every read and write then lands on another parameter's
+    elements: prototype normalisation overwrote trunk weights and training
+    silently diverged from DDP. This map is built from the same ZeRO
+    bookkeeping as `SegmentedLARS`'s layouts, so the two cannot disagree.
+
+    A read is one all-reduce (SUM) of a zero-filled buffer into which each
+    rank copies the pieces it owns; every element has exactly one owner, so
+    the sum is exact.
+    """
+
+    def __init__(self, flats: list[FlatPieces], device: torch.device) -> None:
+        self.device = device
+        self.pieces: dict[int, list[tuple[torch.Tensor, int, int, int]]] = {}
+        self.groups = {id(f.group): f.group for f in flats}
+        for f in flats:
+            for k, at, start, n in f.pieces:
+                if n > 0:
+                    self.pieces.setdefault(id(f.params[k]), []).append((f.flat, at, start, n))
+            for p in f.params:
+                self.pieces.setdefault(id(p), [])
+        if len(self.groups) > 1:
+            raise ConfigError("ZeRO parameter groups over different data-parallel groups (MoE) are not supported")
+
+    def owns(self, p: nn.Parameter) -> bool:
+        return id(p) in self.pieces
+
+    @torch.no_grad()
+    def full(self, params: list[nn.Parameter]) -> list[torch.Tensor]:
+        """Each parameter's full fp32 master, flattened (collective over the data-parallel group)."""
+        sizes = [int(getattr(p, "ds_numel", p.numel())) for p in params]
+        buffer = torch.zeros(sum(sizes), dtype=torch.float32, device=self.device)
+        base = 0
+        for p, size in zip(params, sizes):
+            for flat, at, start, n in self.pieces[id(p)]:
+                buffer[base + start:base + start + n].copy_(flat.data[at:at + n])
+            base += size
+        if dist.is_initialized():
+            dist.all_reduce(buffer, group=next(iter(self.groups.values()), None))
+        return list(buffer.split(sizes))
+
+    @torch.no_grad()
+    def set_full(self, p: nn.Parameter, value: torch.Tensor) -> None:
+        """Write this rank's pieces of `value` (the full parameter, any shape) into the masters."""
+        value = value.reshape(-1)
+        for flat, at, start, n in self.pieces[id(p)]:
+            flat.data[at:at + n].copy_(value[start:start + n])
 
 
 # ----------------------------------------------------------------- fp16 scaler
@@ -204,13 +313,11 @@ class ZeroEngine(Engine):
 
     def __init__(self, method: SwAV, cfg: RunConfig, rt: Runtime, lr: float) -> None:
         super().__init__(method, cfg, rt)
+        if rt.device.type == "cpu" and (refusal := cpu_refusal(cfg.parallel.deepspeed_config)):
+            raise ConfigError(refusal)
         check_precision_supported(cfg.parallel.precision, rt.device)
         self.ds_config = deepspeed_config(cfg, rt.world_size, sum(p.numel() for p in method.parameters()))
         self.stage = int(self.ds_config["zero_optimization"]["stage"])
-        if rt.device.type == "cpu" and enabled(self.ds_config.get("fp16")):
-            raise ConfigError(f"{cfg.parallel.deepspeed_config} uses DeepSpeed's fp16 mode, which its CPU "
-                              "accelerator refuses: leave parallel.deepspeed_config unset (fp16 then runs "
-                              "through torch_autocast) or train on CUDA")
         if rt.world_size > 1:
             from harness.parallel.syncbn import convert_syncbn
 
@@ -221,14 +328,18 @@ class ZeroEngine(Engine):
             apply_activation_checkpointing(method.trunk, cfg)
         ds = import_deepspeed(rt.device)
         self._ds = ds
+        # deepspeed.initialize asserts LOCAL_RANK, which only launchers export: one process has rank 0
+        os.environ.setdefault("LOCAL_RANK", str(rt.local_rank))
         self.optimizer = build_segmented_optimizer(method, cfg, lr)
         self.engine, _, _, _ = ds.initialize(model=method, optimizer=self.optimizer, config=self.ds_config,
                                              dist_init_required=False)
         self.zero_optimizer = self.engine.optimizer
         if self.zero_optimizer.optimizer is not self.optimizer:
             raise RuntimeError("DeepSpeed wrapped the client optimizer unexpectedly")
-        layouts = stage3_layouts(self.zero_optimizer) if self.stage == 3 else stage12_layouts(self.zero_optimizer)
+        flats = stage3_pieces(self.zero_optimizer) if self.stage == 3 else stage12_pieces(self.zero_optimizer)
+        layouts = {id(f.flat): f.layout() for f in flats}
         self.optimizer.attach_layouts(layouts)
+        self.masters = MasterWeights(flats, rt.device)
         self.scaler: Optional[RankSyncedGradScaler] = None
         if getattr(self.zero_optimizer, "torch_autocast_gradscaler", None) is not None:
             if len(layouts) > 1:
@@ -275,24 +386,28 @@ class ZeroEngine(Engine):
         """Unit rows on the fp32 masters AND the module's copies (collective).
 
         Rows of a prototype matrix may be split between ranks (flat partitions
-        cut anywhere), so each rank gathers the full fp32 weight, normalises it
-        exactly as `Prototypes.normalize_` does, writes its own master fragment
-        back and refreshes the low-precision copy (stage 3: through
-        GatheredParameters, which re-partitions rank 0's write).
+        cut anywhere), so the full fp32 weights are gathered, normalised exactly
+        as `Prototypes.normalize_` does, and each rank writes its own master
+        pieces back and refreshes the low-precision copy.
         """
-        from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
+        for p, full in zip(self._prototypes, self.masters.full(self._prototypes)):
+            rows = full.view(self._shape(p)[0], -1) if len(self._shape(p)) > 1 else full.view(1, -1)
+            rows.div_(rows.norm(dim=1, keepdim=True).clamp_min(torch.finfo(rows.dtype).tiny))
+            self.masters.set_full(p, full)
+            self._set_module_copy(p, full.view(self._shape(p)))
 
-        for p in self._prototypes:
-            full = safe_get_full_fp32_param(p).float()
-            full = full.view(full.shape[0], -1) if full.dim() > 1 else full.view(1, -1)
-            full.div_(full.norm(dim=1, keepdim=True).clamp_min(torch.finfo(full.dtype).tiny))
-            safe_set_full_fp32_param(p, full.view(p.ds_shape if self.stage == 3 else p.shape))
-            if self.stage == 3:
-                with self._ds.zero.GatheredParameters([p], modifier_rank=0):
-                    if dist.get_rank() == 0:
-                        p.data.copy_(full.view(p.ds_shape).to(p.dtype))
-            else:
-                p.data.copy_(full.view(p.shape).to(p.dtype))
+    def _shape(self, p: nn.Parameter) -> torch.Size:
+        return p.ds_shape if self.stage == 3 else p.shape
+
+    def _set_module_copy(self, p: nn.Parameter, value: torch.Tensor) -> None:
+        """The module's (possibly low-precision) copy; stage 3: through GatheredParameters,
+        which re-partitions rank 0's write."""
+        if self.stage == 3:
+            with self._ds.zero.GatheredParameters([p], modifier_rank=0):
+                if dist.get_rank() == 0:
+                    p.data.copy_(value.to(p.dtype))
+        else:
+            p.data.copy_(value.to(p.dtype))
 
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
@@ -302,15 +417,16 @@ class ZeroEngine(Engine):
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Every parameter as its full fp32 master, plus buffers (collective, all ranks get it)."""
-        from deepspeed.utils import safe_get_full_fp32_param
-
+        named = list(self.method.named_parameters())
+        owned = [p for _, p in named if self.masters.owns(p)]
+        masters = {id(p): full for p, full in zip(owned, self.masters.full(owned))}
         out: dict[str, torch.Tensor] = {}
-        for name, p in self.method.named_parameters():
-            full = safe_get_full_fp32_param(p) if p.requires_grad else None
+        for name, p in named:
+            full = masters.get(id(p))
             if full is None:
                 with self._ds.zero.GatheredParameters([p], enabled=self.stage == 3):
-                    full = p.detach().clone()
-            out[name] = full.detach().clone().cpu().view(p.ds_shape if self.stage == 3 else p.shape)
+                    full = p.detach().clone().float()
+            out[name] = full.detach().clone().cpu().view(self._shape(p))
         for name, buf in self.method.named_buffers():
             if buf is not None:
                 out[name] = buf.detach().clone().cpu()
@@ -329,20 +445,13 @@ class ZeroEngine(Engine):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Model (and BN buffers) from a full fp32 state dict, at any world size or stage."""
-        from deepspeed.utils import safe_set_full_fp32_param
-
         model = state["model"]
         with torch.no_grad():
             for name, p in self.method.named_parameters():
                 value = model[name].to(self.rt.device, torch.float32)
-                if p.requires_grad:
-                    safe_set_full_fp32_param(p, value)
-                if self.stage == 3:
-                    with self._ds.zero.GatheredParameters([p], modifier_rank=0):
-                        if dist.get_rank() == 0:
-                            p.data.copy_(value.to(p.dtype))
-                else:
-                    p.data.copy_(value.to(p.dtype))
+                if self.masters.owns(p):
+                    self.masters.set_full(p, value)
+                self._set_module_copy(p, value)
             for name, buf in self.method.named_buffers():
                 if buf is not None and name in model:
                     buf.copy_(model[name])

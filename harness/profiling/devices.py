@@ -104,6 +104,11 @@ def supports(device: DeviceProfile, precision: str) -> bool:
     return precision in device.peak_tflops
 
 
+def device_type(device: DeviceProfile) -> str:
+    """"cpu" for the CPU profile, "cuda" for every GPU one: what training's refusals are keyed by."""
+    return "cpu" if device.name == _BUILTIN["cpu"].name else "cuda"
+
+
 # ------------------------------------------------------------ calibration
 
 _IMAGENET_TRAIN = 1_281_167

@@ -64,6 +64,7 @@ def device_profile_for(device: torch.device, name: Optional[str]) -> Any:
 def profile(cfg: RunConfig, steps: int = 5, warmup: int = 2, device_name: Optional[str] = None,
             trace_dir: Optional[str] = None, memory_snapshot: Optional[str] = None) -> list[Point]:
     """Run warmup + steps; returns every rank's measured Point on rank 0 (its own elsewhere)."""
+    from harness.parallel.support import check_supported
     from harness.profiling.memory import measure_step
     from harness.profiling.timing import step_work
     from harness.runtime import init_runtime, seed_everything
@@ -73,6 +74,7 @@ def profile(cfg: RunConfig, steps: int = 5, warmup: int = 2, device_name: Option
         raise ValueError(f"profile needs steps >= 1 and warmup >= 1 (got {steps}, {warmup}): the first "
                          "step allocates optimizer state and would be measured as a peak")
     rt = init_runtime(cfg)
+    check_supported(cfg, rt.device)  # what training refuses is not worth measuring
     seed_everything(cfg.train.seed, rt.rank)
     engine = build_state(cfg, rt).engine
     engine.train()

@@ -17,7 +17,8 @@ from dataclasses import replace
 from typing import Iterable, Optional
 
 from harness.config.schema import RunConfig
-from harness.profiling.devices import DeviceProfile, supports
+from harness.parallel.support import precision_refusal, refusal
+from harness.profiling.devices import DeviceProfile, device_type, get_device, supports
 from harness.profiling.memory_model import model_states, shapes, step_activations, transient, zero3_gathered
 from harness.profiling.records import MemoryBreakdown, Point, Strategy, apply_strategy
 from harness.profiling.timing import predict_time
@@ -119,13 +120,38 @@ def predict(cfg: RunConfig, strategy: Strategy, device: DeviceProfile, world: in
                  memory=memory, time=time, device_memory=device.memory_bytes, notes=notes)
 
 
+def strategy_refusal(strategy: Strategy, device: DeviceProfile) -> Optional[str]:
+    """What training would answer to `strategy` on `device` (None: it runs): support.py's rules,
+    the ones `harness pretrain` refuses by, so the planner never offers what training refuses."""
+    return refusal(strategy.backend, strategy.precision, device_type(device), supports(device, "bf16"),
+                   device_name=device.name)
+
+
+def _precision_refusal(precision: str, device: DeviceProfile) -> Optional[str]:
+    """Training's reason first (it names the fix), else a profile without a peak to time it by."""
+    reason = precision_refusal(precision, device_type(device), supports(device, "bf16"), device_name=device.name)
+    if reason is None and not supports(device, precision):
+        reason = f"{device.name} has no {precision} peak in its profile"
+    return reason
+
+
+def plan_precision(cfg: RunConfig, device: DeviceProfile) -> tuple[str, Optional[str]]:
+    """The precision to plan in and, when it is not the config's, why: the config's unless training
+    refuses it on `device` (bf16 on a V100, fp16 on a CPU), else the first of fp16, fp32 it accepts."""
+    reason = _precision_refusal(cfg.parallel.precision, device)
+    if reason is None:
+        return cfg.parallel.precision, None
+    return next(p for p in ("fp16", "fp32") if _precision_refusal(p, device) is None), reason
+
+
 def candidate_strategies(cfg: RunConfig, device: DeviceProfile, world: int,
                          backends: Iterable[Strategy] = BACKENDS) -> list[Strategy]:
     """Backends x checkpointing x micro-batch (the config's, half and a quarter, with
-    accumulation keeping the images per step) for this config's precision (fp16 where
-    the device lacks it). Each micro-batch size costs one fake step per checkpointing mode."""
+    accumulation keeping the images per step) in `plan_precision`, less what training
+    refuses on the device (fairscale on a CPU). Each micro-batch size costs one fake
+    step per checkpointing mode."""
     base = Strategy.from_config(cfg)
-    precision = base.precision if supports(device, base.precision) else "fp16"
+    precision, _ = plan_precision(cfg, device)
     batch = base.micro_batch * base.grad_accum
     micro = sorted({m for m in (batch, batch // 2, batch // 4) if m >= 1 and batch % m == 0}, reverse=True)
     # SyncBN groups: the config's, one node (-1) and every rank (0); memory is the same,
@@ -137,8 +163,10 @@ def candidate_strategies(cfg: RunConfig, device: DeviceProfile, world: int,
             continue
         if world == 1 and backend.backend != "ddp":
             continue
-        out.append(replace(backend, activation_checkpointing=ac, precision=precision, micro_batch=mb,
-                           grad_accum=batch // mb, syncbn_group_size=group))
+        strategy = replace(backend, activation_checkpointing=ac, precision=precision, micro_batch=mb,
+                           grad_accum=batch // mb, syncbn_group_size=group)
+        if strategy_refusal(strategy, device) is None:
+            out.append(strategy)
     return out
 
 
@@ -155,8 +183,47 @@ def search(cfg: RunConfig, device: DeviceProfile, world: int,
 
 
 def best(points: list[Point]) -> Optional[Point]:
-    fitting = [p for p in points if p.fits]
+    """The first point (search's order: fastest first) that fits and that training would run."""
+    fitting = [p for p in points if p.fits and _runs(p)]
     return fitting[0] if fitting else None
+
+
+def _runs(point: Point) -> bool:
+    """Whether training accepts the point's strategy on its device; a device known only by
+    a YAML profile cannot be looked up by name, and `search` already vetted its points."""
+    try:
+        device = get_device(point.device)
+    except ValueError:
+        return True
+    return strategy_refusal(point.strategy, device) is None
+
+
+def predict_measured(measured: Iterable[Point], configs: Iterable[RunConfig], devices: Iterable[DeviceProfile],
+                     have: Iterable[Point] = ()) -> tuple[list[Point], list[str]]:
+    """A prediction for each measured run's own settings that `have` lacks, and one line per run
+    that cannot get one. A sweep keeps the fastest strategy per backend, rarely the one a profile
+    ran, so `harness report --measured` predicts the measured settings too: every run is then
+    compared. A run is matched to a config by name (the config's overrides must be the profile's)
+    and to a device profile by name."""
+    configs, devices = list(configs), list(devices)
+    known = {p.settings for p in have}
+    out: list[Point] = []
+    lines: list[str] = []
+    for m in measured:
+        if m.settings in known:
+            continue
+        known.add(m.settings)
+        cfg = next((c for c in configs if (c.name or c.model.arch) == m.model), None)
+        device = next((d for d in devices if d.name == m.device), None)
+        if cfg is None or device is None:
+            lines.append(f"measured {m.model} on {m.world_size} x {m.device}: not compared, as --configs/--devices "
+                         f"hold no {'config ' + repr(m.model) if cfg is None else 'device ' + repr(m.device)}")
+            continue
+        try:
+            out.append(predict(cfg, m.strategy, device, m.world_size))
+        except ValueError as err:
+            lines.append(f"measured {m.model} on {m.world_size} x {m.device}: not compared ({err})")
+    return out, lines
 
 
 def sweep(cfg: RunConfig, device: DeviceProfile, world_sizes: Iterable[int],

@@ -8,6 +8,7 @@ bytes per rank, time is seconds per optimizer step, both for one rank.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Optional
 
@@ -67,6 +68,44 @@ class Strategy:
                    cpu_offload=p.cpu_offload, activation_checkpointing=p.activation_checkpointing,
                    precision=p.precision, micro_batch=cfg.data.batch_size, grad_accum=cfg.train.grad_accum,
                    syncbn_group_size=p.syncbn_group_size)
+
+
+def canonical(strategy: Strategy, world_size: int, gpus_per_node: Optional[int]) -> Strategy:
+    """`strategy` spelled one way, so that settings that run the same compare equal: fields its
+    backend ignores at their defaults, HSDP groups that span every rank as plain FSDP2, and the
+    SyncBN group as the ranks it spans (`_syncbn_span`). `gpus_per_node` None (a device without
+    a profile) leaves -1 (one node) as written."""
+    b = strategy.backend
+    shard = strategy.shard_group_size
+    return replace(strategy, zero_stage=strategy.zero_stage if b == "deepspeed" else 0,
+                   reshard_after_forward=strategy.reshard_after_forward if b in ("fsdp2", "fairscale") else True,
+                   shard_group_size=shard if b == "fsdp2" and 0 < shard < world_size else 0,
+                   syncbn_group_size=_syncbn_span(strategy.syncbn_group_size, world_size, gpus_per_node))
+
+
+def _syncbn_span(size: int, world_size: int, gpus_per_node: Optional[int]) -> int:
+    """0 when the group holds every rank (0 itself, -1 on one node, a size >= the world, any size
+    on one rank), -1 when it holds one node's ranks (-1, or the node's size spelled out), else the size."""
+    if world_size <= 1:
+        return 0
+    if size == -1:
+        if gpus_per_node is None:
+            return -1
+        size = gpus_per_node
+    if size == 0 or size >= world_size:
+        return 0
+    return -1 if size == gpus_per_node else size
+
+
+@functools.lru_cache(maxsize=None)
+def gpus_per_node(device_name: str) -> Optional[int]:
+    """The node size of a device profile by name (points carry the name only); None if unknown."""
+    from harness.profiling.devices import get_device
+
+    try:
+        return get_device(device_name).gpus_per_node
+    except ValueError:
+        return None
 
 
 def apply_strategy(cfg: Any, strategy: Strategy) -> Any:
@@ -147,6 +186,13 @@ class Point:
     @property
     def headroom(self) -> int:
         return self.device_memory - self.memory.peak
+
+    @property
+    def settings(self) -> tuple[str, str, int, Strategy]:
+        """What makes two points the same run (model, device, world size, canonical strategy):
+        a measured and a predicted point with equal settings are compared in a report."""
+        return (self.model, self.device, self.world_size,
+                canonical(self.strategy, self.world_size, gpus_per_node(self.device)))
 
     @property
     def global_batch(self) -> int:

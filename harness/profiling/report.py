@@ -14,10 +14,11 @@ import json
 import math
 import re
 from collections import defaultdict
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
-from harness.profiling.records import CATEGORIES, GIB, Point
+from harness.profiling.records import CATEGORIES, GIB, Point, Strategy
 
 POINTS_FORMAT = "harness.points"
 FIT, NO_FIT = "\u2713", "\u2717"
@@ -104,27 +105,109 @@ def _labels(points: Iterable[Point]) -> list[str]:
     return sorted({p.strategy.label for p in points}, key=_label_key)
 
 
+#: How a name tells apart strategies that share a label beyond checkpointing, batch split and
+#: precision (always named then): the other fields the label leaves out, each where it differs.
+_NAME_PARTS: tuple[tuple[Callable[[Strategy], object], Callable[[Strategy], str]], ...] = (
+    (lambda s: s.syncbn_group_size, lambda s: "bn" + {0: "all", -1: "node"}.get(s.syncbn_group_size,
+                                                                               str(s.syncbn_group_size))),
+    (lambda s: s.shard_group_size, lambda s: f"sg{s.shard_group_size}"),
+    (lambda s: s.reshard_after_forward, lambda s: "reshard" if s.reshard_after_forward else "noreshard"),
+)
+
+
 def _namer(points: list[Point]):
-    """Names strategies by label, extended only where two strategies of one model share the label."""
+    """Names strategies by label, extended where strategies of one model share the label by the
+    fields in which they differ: distinct strategies never share a name (nor a legend entry)."""
     twins: dict[tuple, set] = defaultdict(set)
     for q in points:
         twins[(q.model, q.strategy.label)].add(q.strategy)
 
     def name(p: Point) -> str:
-        s = p.strategy
-        if len(twins[(p.model, s.label)]) <= 1:
+        s, group = p.strategy, twins[(p.model, p.strategy.label)]
+        if len(group) <= 1:
             return s.label
-        return f"{s.label}{'-ac' if s.activation_checkpointing else ''}-mb{s.micro_batch}x{s.grad_accum}-{s.precision}"
+        parts = [fmt(s) for key, fmt in _NAME_PARTS if len({key(t) for t in group}) > 1]
+        return "-".join([f"{s.label}{'-ac' if s.activation_checkpointing else ''}-mb{s.micro_batch}x{s.grad_accum}",
+                         s.precision, *parts])
 
     return name
 
 
-def _series(points: list[Point]) -> dict[tuple, list[Point]]:
-    """(model, device, strategy, source) -> points sorted by world size: one line on a scaling plot."""
-    out: dict[tuple, list[Point]] = defaultdict(list)
+_RANK = re.compile(r"rank (\d+)$")
+
+
+def _rank(p: Point) -> Optional[int]:
+    """The rank `harness profile` noted on a measured point, if any."""
+    return next((int(m.group(1)) for n in p.notes if (m := _RANK.fullmatch(n))), None)
+
+
+def measured_runs(points: Iterable[Point]) -> list[list[Point]]:
+    """Measured points grouped by run, one point per rank as `harness profile` writes them: the
+    ranks of a run share its settings, and a rank seen again (or a point without one) starts a new run."""
+    runs: list[list[Point]] = []
+    current: dict[tuple, list[Point]] = {}
     for p in points:
-        out[(p.model, p.device, p.strategy, p.source)].append(p)
-    return {k: sorted(v, key=lambda p: p.world_size) for k, v in out.items()}
+        if p.source != "measured":
+            continue
+        run, rank = current.get(p.settings), _rank(p)
+        if run is None or rank is None or rank in {_rank(q) for q in run}:
+            run = current[p.settings] = []
+            runs.append(run)
+        run.append(p)
+    return runs
+
+
+def _merge(run: list[Point]) -> Point:
+    """A run as one point: the fullest rank's memory and the slowest rank's time (every rank
+    waits for it), i.e. what limits the run."""
+    fullest = max(run, key=lambda p: p.memory.peak)
+    slowest = max(run, key=lambda p: p.time.step)
+    ranks = sorted(r for r in map(_rank, run) if r is not None)
+    notes = [n for n in dict.fromkeys(n for p in run for n in p.notes) if not _RANK.fullmatch(n)]
+    if len(ranks) > 1:
+        notes.insert(0, f"ranks {ranks[0]}-{ranks[-1]}")
+    return replace(fullest, time=slowest.time, notes=notes)
+
+
+@dataclass
+class _Row:
+    """What a table shows in one row: a prediction, or one measured run with its ranks behind it."""
+
+    point: Point  # strategy spelled canonically; a run's fullest memory and slowest time
+    ranks: list[Point]
+
+    def spread(self, value: Callable[[Point], float], fmt: str) -> str:
+        """`value` over the ranks, e.g. "1.20-1.31" (one number when they agree to `fmt`)."""
+        lo, hi = (format(f(value(p) for p in self.ranks), fmt) for f in (min, max))
+        return lo if lo == hi else f"{lo}-{hi}"
+
+
+def _rows(points: Iterable[Point]) -> list[_Row]:
+    """One row per predicted point and per measured run, in the points' order, strategies spelled
+    canonically (so equivalent settings share rows, series and names): what tables and plots show."""
+    points = list(points)
+    first = {id(run[0]): run for run in measured_runs(points)}
+    rows = []
+    for p in points:
+        if p.source != "measured":
+            rows.append(_Row(replace(p, strategy=p.settings[3]), [p]))
+        elif id(p) in first:
+            run = first[id(p)]
+            rows.append(_Row(replace(_merge(run), strategy=p.settings[3]), run))
+    return rows
+
+
+def _shown(points: Iterable[Point]) -> list[Point]:
+    return [r.point for r in _rows(points)]
+
+
+def _series(rows: list[_Row]) -> dict[tuple, list[_Row]]:
+    """(model, device, strategy, source) -> rows sorted by world size: one line on a scaling plot."""
+    out: dict[tuple, list[_Row]] = defaultdict(list)
+    for r in rows:
+        p = r.point
+        out[(p.model, p.device, p.strategy, p.source)].append(r)
+    return {k: sorted(v, key=lambda r: r.point.world_size) for k, v in out.items()}
 
 
 def _efficiency(line: list[Point]) -> list[float]:
@@ -155,6 +238,7 @@ def headline_table(points: list[Point], images: float = 1e9) -> str:
 
     A backend label with several strategies (micro batch, checkpointing) shows its lowest peak.
     """
+    points = _shown(points)
     labels, name = _labels(points), _namer(points)
     head = ["model", "device", "N", *(f"{lab} GiB" for lab in labels), "best fit", "images/s per GPU",
             f"days for {images:.3g} images"]
@@ -179,49 +263,61 @@ def headline_table(points: list[Point], images: float = 1e9) -> str:
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
 
 
-def _scaling_table(points: list[Point], model: str) -> str:
-    name = _namer(points)
+def _scaling_table(rows: list[_Row], model: str) -> str:
+    """A measured run is one row, its ranks' spread shown where they differ."""
+    name = _namer([r.point for r in rows])
     lines = ["| strategy | device | source | N | global batch | images/s per GPU | scaling efficiency | peak GiB |",
              "|---|---|---|---|---|---|---|---|"]
-    series = [(k, v) for k, v in _series(points).items() if k[0] == model]
-    series.sort(key=lambda kv: (_label_key(kv[0][2].label), kv[0][1], kv[0][3]))
+    series = [(k, v) for k, v in _series(rows).items() if k[0] == model]
+    series.sort(key=lambda kv: (_label_key(kv[0][2].label), name(kv[1][0].point), kv[0][1], kv[0][3]))
     for (_, device, _, source), line in series:
-        for p, eff in zip(line, _efficiency(line)):
+        for r, eff in zip(line, _efficiency([r.point for r in line])):
+            p = r.point
             lines.append(f"| {name(p)} | {device} | {source} | {p.world_size} | {p.global_batch} | "
-                         f"{p.time.images_per_second:.1f} | {eff:.2f} | {_gib(p)} |")
+                         f"{r.spread(lambda q: q.time.images_per_second, '.1f')} | {eff:.2f} | "
+                         f"{r.spread(lambda q: q.memory.peak / GIB, '.1f')} {FIT if p.fits else NO_FIT} |")
     return "\n".join(lines)
 
 
-def _comparison(points: list[Point]) -> list[tuple[Point, Point]]:
-    """(predicted, measured) pairs for the same model, strategy, device and world size."""
-    predicted = {(p.model, p.strategy, p.device, p.world_size): p for p in points if p.source == "predicted"}
-    pairs = [(predicted.get((m.model, m.strategy, m.device, m.world_size)), m)
-             for m in points if m.source == "measured"]
-    return [(p, m) for p, m in pairs if p is not None]
+def _comparison(rows: list[_Row]) -> tuple[list[tuple[Point, _Row]], list[_Row]]:
+    """(predicted, measured run) pairs with equivalent settings (same model, device, world size
+    and strategy however spelled, `Point.settings`), and the measured runs nothing predicted."""
+    predicted = {r.point.settings: r.point for r in rows if r.point.source == "predicted"}
+    measured = [r for r in rows if r.point.source == "measured"]
+    pairs = [(predicted[m.point.settings], m) for m in measured if m.point.settings in predicted]
+    return pairs, [m for m in measured if m.point.settings not in predicted]
 
 
 def summary_markdown(points: list[Point], title: str) -> str:
     """The whole text report: headline, scaling per model, and how wrong the planner was where it was checked."""
+    rows = _rows(points)
+    shown = [r.point for r in rows]
     out = [f"# {title}", "", f"Devices: {_devices(points)}. "
            f"Memory is peak GiB per GPU ({FIT} fits, {NO_FIT} does not); scaling efficiency is images/s per GPU "
-           "relative to the smallest N of the same strategy.", "",
+           "relative to the smallest N of the same strategy. A measured run is one row: where its ranks "
+           "differ, the range over ranks.", "",
            "## Headline", "", headline_table(points), ""]
-    for model in _models(points):
-        out += [f"## Scaling: {model}", "", _scaling_table(points, model), ""]
+    for model in _models(shown):
+        out += [f"## Scaling: {model}", "", _scaling_table(rows, model), ""]
     out += ["## Measured vs predicted", ""]
-    pairs, name = _comparison(points), _namer(points)
+    (pairs, unpaired), name = _comparison(rows), _namer(shown)
     if not pairs:
         out += ["No point was both measured and predicted.", ""]
     else:
-        out += ["Relative error = (predicted - measured) / measured.", "",
+        out += ["Relative error = (predicted - measured) / measured, against the fullest rank's peak and "
+                "the slowest rank's step.", "",
                 "| model | strategy | device | N | measured peak GiB | predicted peak GiB | peak error "
                 "| measured step s | predicted step s | step-time error |", "|" + "---|" * 10]
-        for p, m in pairs:
+        for p, r in pairs:
+            m = r.point
             out.append(f"| {m.model} | {name(m)} | {m.device} | {m.world_size} | "
-                       f"{m.memory.peak / GIB:.2f} | {p.memory.peak / GIB:.2f} | "
+                       f"{r.spread(lambda q: q.memory.peak / GIB, '.2f')} | {p.memory.peak / GIB:.2f} | "
                        f"{_pct(p.memory.peak, m.memory.peak)} | "
-                       f"{m.time.step:.3f} | {p.time.step:.3f} | {_pct(p.time.step, m.time.step)} |")
+                       f"{r.spread(lambda q: q.time.step, '.3f')} | {p.time.step:.3f} | "
+                       f"{_pct(p.time.step, m.time.step)} |")
         out.append("")
+    out += [f"Not compared (nothing predicted with its settings): {r.point.model} · {name(r.point)} on "
+            f"{r.point.device}, N = {r.point.world_size}." for r in unpaired] + ([""] if unpaired else [])
     return "\n".join(out)
 
 
@@ -256,7 +352,13 @@ def _devices(points: list[Point]) -> str:
 
 def plot_memory(points: list[Point], path, max_panels: int = 12) -> Path:
     """Where the memory goes as N grows, per (model, strategy); panels with measurements and more N come first."""
+    return _save(memory_figure(points, max_panels), path)
+
+
+def memory_figure(points: list[Point], max_panels: int = 12):
+    """`plot_memory`'s figure, open (the caller closes it): one legend for all panels, each entry once."""
     plt = _pyplot()
+    points = _shown(points)
     panels: dict[tuple, list[Point]] = defaultdict(list)
     for p in points:
         panels[(p.model, p.device, p.strategy)].append(p)
@@ -308,17 +410,24 @@ def plot_memory(points: list[Point], path, max_panels: int = 12) -> Path:
     legend_in = 0.1 + 0.18 * math.ceil(len(handles) / max(1, min(len(handles), 3 * cols)))
     fig.suptitle(f"Memory per GPU by category — {_devices(points)}")
     fig.tight_layout(rect=(0, legend_in / fig.get_figheight(), 1, 1))
-    return _save(fig, path)
+    return fig
 
 
 def plot_throughput(points: list[Point], path) -> Path:
     """Throughput and scaling efficiency per GPU vs N; predicted as lines, measured as markers of the same colour."""
+    return _save(throughput_figure(points), path)
+
+
+def throughput_figure(points: list[Point]):
+    """`plot_throughput`'s figure, open (the caller closes it); the legend (right panel) names each series once."""
     plt = _pyplot()
     fig, (ax_t, ax_e) = plt.subplots(1, 2, figsize=(13, 5))
-    series = _series(points)
+    points = _shown(points)
+    series = {k: [r.point for r in v] for k, v in _series([_Row(p, [p]) for p in points]).items()}
     keys = list(dict.fromkeys((m, d, s) for m, d, s, _ in series))
     models, namer = _models(points), _namer(points)
     keys.sort(key=lambda k: (models.index(k[0]), k[1], _label_key(k[2].label)))
+    several_devices = len({k[1] for k in keys}) > 1
     cmap = plt.get_cmap("tab20" if len(keys) > 10 else "tab10")
     for i, (model, device, strategy) in enumerate(keys):
         colour = cmap(i % cmap.N)
@@ -326,7 +435,8 @@ def plot_throughput(points: list[Point], path) -> Path:
             line = series.get((model, device, strategy, source))
             if not line:
                 continue
-            xs, name = [p.world_size for p in line], f"{model} · {namer(line[0])}"
+            xs = [p.world_size for p in line]
+            name = f"{model} · {namer(line[0])}" + (f" · {device}" if several_devices else "")
             for ax, ys in ((ax_t, [p.time.images_per_second for p in line]), (ax_e, _efficiency(line))):
                 if source == "predicted":
                     ax.plot(xs, ys, "-o", color=colour, ms=3, label=name)
@@ -352,11 +462,13 @@ def plot_throughput(points: list[Point], path) -> Path:
     if not points:
         ax_t.text(0.5, 0.5, "no points", ha="center", va="center", transform=ax_t.transAxes)
     if keys:
-        ax_e.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+        handles, labels = ax_e.get_legend_handles_labels()
+        entries = dict(zip(labels, handles))  # each label once, whatever plotted it
+        ax_e.legend(entries.values(), entries.keys(), fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
     ax_t.set_title("lines: predicted, squares: measured, x: does not fit", fontsize=9)
     fig.suptitle(f"Throughput vs GPU count — {_devices(points)}")
     fig.tight_layout()
-    return _save(fig, path)
+    return fig
 
 
 def plot_fit_map(points: list[Point], path, world_size: Optional[int] = None) -> Path:
@@ -364,6 +476,7 @@ def plot_fit_map(points: list[Point], path, world_size: Optional[int] = None) ->
     plt = _pyplot()
     from matplotlib.colors import TwoSlopeNorm
 
+    points = _shown(points)
     devices = list(dict.fromkeys(p.device for p in points)) or ["no device"]
     width = max(6.0, 1.5 + 1.3 * max(1, len(_labels(points))) * len(devices))
     fig, axes = plt.subplots(1, len(devices), figsize=(width, 1.5 + 0.6 * max(1, len(_models(points)))), squeeze=False)

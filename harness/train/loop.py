@@ -21,6 +21,7 @@ from harness.data import build_dataloader, set_epoch
 from harness.models import build_trunk_from_config
 from harness.optim import build_schedule
 from harness.parallel.build import build_engine
+from harness.parallel.support import check_supported
 from harness.runtime import Runtime, init_runtime, mean_over_ranks, seed_everything
 from harness.ssl.swav import SwAV
 from harness.train.checkpoint import checkpoint_path, save_checkpoint
@@ -72,6 +73,7 @@ def build_state(cfg: RunConfig, rt: Runtime) -> TrainState:
 
 def pretrain(cfg: RunConfig) -> RunResult:
     rt = init_runtime(cfg)
+    check_supported(cfg, rt.device)  # before the run folder, loader or model exist
     seed_everything(cfg.train.seed, rt.rank)
     run_dir = prepare_run_dir(cfg, rt)
     loader = build_dataloader(cfg.data, rank=rt.rank, world_size=rt.world_size, seed=cfg.train.seed,

@@ -18,10 +18,17 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def check_precision_supported(precision: str, device: torch.device) -> None:
-    """Fail at start-up, not mid-run, when the device cannot run the precision."""
-    if device.type == "cuda" and precision == "bf16" and not torch.cuda.is_bf16_supported():
-        name = torch.cuda.get_device_name(device)
-        raise ConfigError(f"parallel.precision=bf16 but {name} has no bf16 support (e.g. V100): use fp16")
+    """Fail at start-up, not mid-run, when the device cannot run the precision (bf16 on a V100).
+
+    Only the impossible, by `harness.parallel.support`'s rules: fp16 on a CPU runs (slowly),
+    so engines build it for the tests of the loss scaler; users are refused it earlier,
+    by `support.check_supported`.
+    """
+    from harness.parallel.support import engine_precision_refusal
+
+    reason = engine_precision_refusal(precision, device)
+    if reason:
+        raise ConfigError(reason)
 
 
 class Precision:

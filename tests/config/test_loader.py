@@ -1,8 +1,10 @@
 """Loading presets, overrides and the errors a user sees for bad input."""
 
+from pathlib import Path
+
 import pytest
 
-from harness.config import ConfigError, RegNetSpec, list_presets, load_config, to_yaml
+from harness.config import ConfigError, RegNetSpec, RunConfig, list_presets, load_config, to_yaml
 from harness.config.loader import config_from_dict
 
 import yaml
@@ -106,3 +108,28 @@ def test_yaml_file_with_inherit(tmp_path):
     cfg = load_config(str(path))
     assert cfg.name == "mine" and cfg.train.iterations == 70
     assert cfg.model.arch == load_config("quickstart").model.arch
+
+
+def test_yaml_file_without_inherit_starts_from_the_schema_defaults(tmp_path):
+    path = tmp_path / "plain.yaml"
+    path.write_text("name: plain\ntrain: {iterations: 5}\n")
+    cfg = load_config(str(path))  # validates: the defaults are a runnable config
+    defaults = RunConfig()
+    assert cfg.name == "plain" and cfg.train.iterations == 5
+    assert (cfg.model, cfg.swav, cfg.data) == (defaults.model, defaults.swav, defaults.data)
+
+
+def test_inherit_reads_a_relative_yaml_beside_the_inheriting_file(tmp_path):
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "base.yaml").write_text("inherit: quickstart\ntrain: {iterations: 40}\n")
+    (tmp_path / "configs" / "child.yaml").write_text("inherit: base.yaml\nname: child\n")
+    cfg = load_config(str(tmp_path / "configs" / "child.yaml"))  # the working directory is elsewhere
+    assert cfg.name == "child" and cfg.train.iterations == 40 and cfg.model.arch == "regnety_200mf"
+
+
+def test_readme_example_yaml_loads(tmp_path):
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    path = tmp_path / "my.yaml"
+    path.write_text(readme.split("```yaml\n", 1)[1].split("```", 1)[0])
+    cfg = load_config(str(path))
+    assert cfg.data.batch_size == 64 and cfg.schedule.warmup_iters == 200 and cfg.data.crops[0].size == 64

@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from harness.data import BUILTIN_PHOTOS, ImageDataset, builtin_image_paths, find_images, load_image
+from harness.data.images import first_image
 
 EXTS = [".jpg", ".jpeg", ".png"]
 
@@ -45,6 +46,19 @@ def test_find_images_empty_folder_message(tmp_path: Path) -> None:
         find_images(tmp_path, EXTS)
     message = str(err.value)
     assert str(tmp_path) in message and ".jpeg" in message and "data.path" in message
+
+
+def test_first_image_follows_find_images_rules(tmp_path: Path) -> None:
+    """The cheap up-front check must agree with the loader's scan on what counts as an image."""
+    (tmp_path / "notes.txt").write_text("not an image")
+    _save(tmp_path / ".cache" / "z.png")  # hidden folder: not a photo
+    _save(tmp_path / "._a.png")  # macOS resource fork
+    (tmp_path / "loop").mkdir()
+    (tmp_path / "loop" / "again").symlink_to(tmp_path / "loop")  # a cycle must end the scan, not hang it
+    assert first_image(tmp_path, EXTS) is None
+    deep = _save(tmp_path / "b" / "deep" / "x.JPG")
+    assert first_image(tmp_path, EXTS) == deep == find_images(tmp_path, EXTS)[0]
+    assert first_image(tmp_path, ["png"]) is None
 
 
 def test_corrupt_file_is_skipped_counted_and_warned_once(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

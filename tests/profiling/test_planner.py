@@ -144,3 +144,47 @@ def test_zero_states_agree_with_deepspeed_estimators(world):
     for stage in (2, 3):
         adam = zero_bytes_per_param(stage, world, optimizer_state=8)
         assert adam - zero_bytes_per_param(stage, world) == pytest.approx(4 / world)
+
+
+def _tiny(*extra: str):
+    from harness.config import load_config
+    from harness.profiling.validate import TINY
+
+    return load_config("quickstart", [*TINY, *extra])
+
+
+@pytest.mark.parametrize("precision,device,world,refused", [
+    ("fp16", "cpu", 2, {"fairscale", "fp16"}),  # fairscale has no CPU path; fp16 crawls there
+    ("fp32", "cpu", 2, {"fairscale", "fp16"}),
+    ("bf16", "v100-32gb", 8, {"bf16"}),  # no bf16 on a V100: planned in fp16
+])
+def test_planner_offers_only_what_training_runs(precision, device, world, refused):
+    """Every candidate passes training's own start-up check (support.py), so `plan` cannot recommend
+    what `pretrain` refuses."""
+    from harness.parallel.support import refusal
+    from harness.profiling.devices import get_device, supports
+    from harness.profiling.planner import candidate_strategies
+
+    profile = get_device(device)
+    kind = "cpu" if device == "cpu" else "cuda"
+    candidates = candidate_strategies(_tiny(f"parallel.precision={precision}"), profile, world)
+    assert candidates and not ({s.backend for s in candidates} | {s.precision for s in candidates}) & refused
+    for s in candidates:
+        assert refusal(s.backend, s.precision, kind, supports(profile, "bf16")) is None
+
+
+def test_fairscale_is_offered_on_gpus_and_marked_unvalidated():
+    """Offered where training runs it (CUDA), but marked: it has trained on one GPU only."""
+    from harness.cli import _best_line, _format_plan
+    from harness.profiling.devices import get_device
+    from harness.profiling.planner import best, candidate_strategies, predict
+
+    h100, cpu = get_device("h100-80gb"), get_device("cpu")
+    (strategy, *_) = [s for s in candidate_strategies(_tiny(), h100, 2) if s.backend == "fairscale"]
+    point = predict(_tiny(), strategy, h100, 2)
+    table = _format_plan([point], 5)
+    assert "fairscale\u2020" in table and "\u2020: not yet validated on several GPUs" in table
+    assert "not yet validated on several GPUs: fairscale has trained on one H100 only" in _best_line(point)
+    alone = predict(_tiny(), strategy, h100, 1)
+    assert "\u2020" not in _format_plan([alone], 5) + _best_line(alone)  # one GPU: what it has run
+    assert best([predict(_tiny(), strategy, cpu, 2)]) is None  # never recommended where training refuses it

@@ -170,3 +170,105 @@ def test_plots_survive_sparse_inputs(points, tmp_path, case):
         path = plot(pts, tmp_path / f"{plot.__name__}.png")
         assert path.exists() and path.stat().st_size > 1000
     report.summary_markdown(pts, "sparse")
+
+
+# ------------------------------------------------------------- measured runs: pairing, rows, legends
+
+def _at(point, **changes):
+    """The same point with other strategy fields, world size, source or notes."""
+    from dataclasses import replace
+
+    strategy = replace(point.strategy, **{k: v for k, v in changes.items() if hasattr(point.strategy, k)})
+    rest = {k: v for k, v in changes.items() if not hasattr(point.strategy, k)}
+    return replace(point, strategy=strategy, **rest)
+
+
+def _comparison_rows(text):
+    table = text.split("## Measured vs predicted")[1]
+    return [line for line in table.splitlines() if line.startswith("| regnety_16gf |")]
+
+
+def test_equivalent_spellings_are_paired():
+    """SyncBN over all ranks (0) is one node (-1) while the run fits a node (8 GPUs here); HSDP groups
+    spanning every rank are FSDP2; DDP ignores reshard_after_forward."""
+    pred = _point("regnety_16gf", "fsdp2", 8)
+    cases = [(_at(pred, syncbn_group_size=-1), _at(pred, source="measured", syncbn_group_size=0), True),
+             (_at(pred, syncbn_group_size=-1), _at(pred, source="measured", syncbn_group_size=8), True),
+             (pred, _at(pred, source="measured", shard_group_size=8), True),
+             (_at(pred, backend="ddp"), _at(pred, source="measured", backend="ddp", reshard_after_forward=False), True),
+             (_at(pred, syncbn_group_size=-1, world_size=64),
+              _at(pred, source="measured", syncbn_group_size=0, world_size=64), False)]  # 8 nodes: not the same
+    for predicted, measured, paired in cases:
+        rows = _comparison_rows(report.summary_markdown([predicted, measured], "pairs"))
+        assert len(rows) == int(paired), (predicted.strategy, measured.strategy)
+
+
+def test_ranks_of_one_run_are_one_row_with_their_spread():
+    pred = _point("regnety_16gf", "fsdp2", 8)
+    ranks = [_at(pred, source="measured", notes=[f"rank {r}"],
+                 memory=MemoryBreakdown(peak=int((1.20 + 0.11 * r) * GIB)),
+                 time=TimeBreakdown(step=0.5 + 0.1 * r, images_per_second=16 / (0.5 + 0.1 * r))) for r in range(2)]
+    text = report.summary_markdown([pred, *ranks], "ranks")
+    (row,) = _comparison_rows(text)
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[4] == "1.20-1.31" and cells[7] == "0.500-0.600"
+    peak_err = (pred.memory.peak - ranks[1].memory.peak) / ranks[1].memory.peak * 100  # the fullest rank
+    assert cells[6] == f"{peak_err:+.1f}%"
+    scaling = text.split("## Scaling: regnety_16gf")[1].split("##")[0]
+    assert len([line for line in scaling.splitlines() if "| measured |" in line]) == 1
+    second_run = [_at(p, notes=list(p.notes)) for p in ranks]  # rank 0 again: another run
+    assert len(_comparison_rows(report.summary_markdown([pred, *ranks, *second_run], "two runs"))) == 2
+
+
+def _legend_labels(legend):
+    return [t.get_text() for t in legend.get_texts()]
+
+
+def test_each_legend_entry_is_drawn_once(points):
+    """Strategies that differ only in their SyncBN group (all ranks at N=8, one node beyond) and the
+    same strategy on two devices used to share a name, hence a legend entry each time."""
+    plt = report._pyplot()
+    node = [_at(p, syncbn_group_size=-1) for p in points if p.world_size > 8 and p.source == "predicted"]
+    other_device = [_at(p, device="NVIDIA A100 80GB") for p in points if p.source == "predicted"]
+    pts = [*points, *node, *other_device]
+    fig = report.throughput_figure(pts)
+    labels = _legend_labels(fig.axes[1].get_legend())
+    plt.close(fig)
+    assert len(labels) == len(set(labels)) and len(labels) > len(STRATEGIES) * len(MODELS)
+    fig = report.memory_figure(pts)
+    labels = _legend_labels(fig.legends[0])
+    plt.close(fig)
+    assert len(labels) == len(set(labels)) and set(CATEGORIES) <= set(labels)
+
+
+def _profile_cli(rank: int, world: int, out: str) -> int:
+    from harness.cli import main
+    from harness.profiling.validate import TINY
+
+    return main(["profile", "-c", "quickstart", *TINY, "parallel.backend=fsdp2", "--steps", "2", "--warmup", "1",
+                 "--out", out])
+
+
+def test_documented_profile_then_report_workflow_pairs_its_run(tmp_path, capsys):
+    """README: `harness profile ... --out measured.json`, then `harness report ... --measured measured.json`:
+    a real 2-rank profile (gloo) is compared with the planner, one row for the run."""
+    from harness.cli import main
+    from harness.profiling.validate import TINY
+    from tests.distributed import run_distributed
+
+    measured = tmp_path / "measured.json"
+    assert run_distributed(_profile_cli, 2, str(measured), timeout=600) == [0, 0]
+    assert len(report.read_points(measured)) == 2  # one point per rank
+    out = tmp_path / "report"
+    assert main(["report", "--configs", "quickstart", "--devices", "cpu", "--gpus", "1", "2",
+                 "--measured", str(measured), *TINY, "--out", str(out)]) == 0
+    assert "not compared" not in capsys.readouterr().out
+    text = (out / "summary.md").read_text()
+    (row,) = [line for line in text.split("## Measured vs predicted")[1].splitlines()
+              if line.startswith("| quickstart | fsdp2")]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[2:4] == ["CPU", "2"] and cells[6].endswith("%") and cells[9].endswith("%")
+    measured_rows = [line for line in text.split("## Measured vs predicted")[0].splitlines() if "| measured |" in line]
+    assert len(measured_rows) == 1
+    csv_rows = list(csv.DictReader((out / "points.csv").open()))
+    assert sum(r["source"] == "measured" for r in csv_rows) == 2  # the files keep every rank

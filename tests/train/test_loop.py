@@ -78,9 +78,19 @@ def test_existing_results_are_never_overwritten(tmp_path):
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_low_precision_steps_run_on_cpu(tmp_path, precision):
+    opt_in = ["parallel.allow_slow_cpu_fp16=true"] if precision == "fp16" else []  # the scaler's path, on CPU
     result = pretrain(tiny_config(tmp_path, f"parallel.precision={precision}", "train.iterations=2",
-                                  "train.tensorboard=false"))
+                                  "train.tensorboard=false", *opt_in))
     assert all(torch.isfinite(torch.tensor(result.losses)))
+
+
+def test_fp16_on_cpu_is_refused_in_one_line_before_any_work(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        pretrain(tiny_config(tmp_path, "parallel.precision=fp16", "train.device=cpu"))
+    message = str(err.value)
+    assert "\n" not in message and "11-13x slower" in message
+    assert "parallel.precision=fp32" in message and "bf16" in message
+    assert not (tmp_path / "run").exists()  # refused before the run folder
 
 
 def test_user_image_folder(tmp_path):
