@@ -38,7 +38,7 @@ def _launch_config(args: argparse.Namespace, request: LaunchRequest, *, check_da
     from harness.config import load_config
     from harness.config.validate import env_local_world_size, resolve_device_type, validate, validate_launch
     from harness.parallel.launchers import apply_launch_request
-    from harness.parallel.support import check_launch_supported
+    from harness.parallel.support import check_deepspeed_json, check_launch_supported
 
     cfg = load_config(args.config, args.overrides)
     # The launcher (accelerate config, deepspeed JSON, torchrun) decides the
@@ -46,8 +46,9 @@ def _launch_config(args: argparse.Namespace, request: LaunchRequest, *, check_da
     cfg = apply_launch_request(cfg, request, explicit=args.overrides)
     validate(cfg)
     device_type = resolve_device_type(cfg.train.device)
+    check_deepspeed_json(cfg, device_type, request.launcher)
     validate_launch(cfg, request.world_size, device_type, env_local_world_size(), check_data=check_data)
-    check_launch_supported(cfg, device_type, request.launcher)
+    check_launch_supported(cfg, device_type)
     return cfg
 
 
@@ -232,6 +233,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def cmd_profile(args: argparse.Namespace) -> int:
     from harness.parallel.launchers import detect_launch
 
+    for flag, value in (("--steps", args.steps), ("--warmup", args.warmup)):
+        if value < 1:  # the first step allocates optimizer state: measured, it would be the peak
+            raise ConfigError(f"{flag} {value}: profile needs at least 1 measured and 1 warm-up step "
+                              f"(the first step allocates the optimizer state): use {flag} 1 or more")
     request = detect_launch()
     if args.dry_run:
         return _dry_run("profile", args, request, synthetic_data=True, profile_name=args.device)

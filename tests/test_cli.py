@@ -237,3 +237,11 @@ def test_report_dry_run_checks_measured_files_and_writes_nothing(tmp_path, capsy
     assert main([*base, "--measured", str(measured)]) == 0
     f = _dry_run_fields(capsys.readouterr().out)
     assert f["measured"] == f"{measured} (1 points)" and not (tmp_path / "report").exists()
+
+
+@pytest.mark.parametrize("argv,fix", [
+    (["profile", "--warmup", "0"], "use --warmup 1 or more"),
+    (["profile", "--steps", "-1", "--dry-run"], "use --steps 1 or more"),
+])
+def test_profile_without_warmup_or_steps_is_one_line(argv, fix, capsys):
+    assert fix in _one_line_config_error(argv, capsys)

@@ -96,10 +96,10 @@ def multi_gpu_caveat(backend: str, world_size: int) -> Optional[str]:
     return UNVALIDATED_ON_SEVERAL_GPUS.get(backend) if world_size > 1 else None
 
 
-def check_launch_supported(cfg: RunConfig, device_type: str, launcher: str = "none") -> None:
-    """The start-up check of the command line (a run and its --dry-run alike), before any
-    process group exists: a DeepSpeed JSON that cannot run here is named with its
-    replacement for the launcher that chose it, then the rules of `refusal`."""
+def check_deepspeed_json(cfg: RunConfig, device_type: str, launcher: str = "none") -> None:
+    """A DeepSpeed JSON that cannot run on this device, named with its replacement in the form
+    the launcher that chose it takes. Checked first, before the preset's own advice (which
+    would suggest a precision the JSON then contradicts)."""
     from harness.parallel.ds_json import cpu_refusal
 
     p = cfg.parallel
@@ -107,6 +107,12 @@ def check_launch_supported(cfg: RunConfig, device_type: str, launcher: str = "no
         reason = cpu_refusal(p.deepspeed_config, launcher)
         if reason:
             raise ConfigError(reason)
+
+
+def check_launch_supported(cfg: RunConfig, device_type: str) -> None:
+    """`refusal`'s rules at the command line's start-up (a run and its --dry-run alike),
+    before any process group exists."""
+    p = cfg.parallel
     bf16 = device_type != "cuda" or (torch.cuda.is_available() and torch.cuda.is_bf16_supported())
     reason = refusal(p.backend, p.precision, device_type, bf16, allow_slow_cpu_fp16=p.allow_slow_cpu_fp16)
     if reason:

@@ -65,6 +65,8 @@ LAYOUT_VARIANTS = {
     "zero3_persistent_small": {"stage": 3, "stage3_param_persistence_threshold": 100000},
 }
 
+CELL_BASE = {"ddp": ("parallel.backend=ddp",), "fsdp2": ("parallel.backend=fsdp2",),
+             "zero2": (DS, "parallel.zero_stage=2"), "zero3": (DS, "parallel.zero_stage=3")}
 # name -> (overrides, precision of its reference)
 CELLS: dict[str, tuple[tuple[str, ...], str]] = {
     "ddp": (("parallel.backend=ddp",), "fp32"),
@@ -75,6 +77,9 @@ CELLS: dict[str, tuple[tuple[str, ...], str]] = {
     **{f"zero{s}": ((DS, f"parallel.zero_stage={s}"), "fp32") for s in (1, 2, 3)},
     **{f"zero{s}_offload": ((DS, f"parallel.zero_stage={s}", "parallel.cpu_offload=true"), "fp32") for s in (1, 2, 3)},
     **{name: ((DS, f"@layout:{name}"), "fp32") for name in LAYOUT_VARIANTS},
+    # activation checkpointing recomputes the same fp32 ops: the same numbers as without it
+    **{f"{name}_ac": ((*CELL_BASE[name], "parallel.activation_checkpointing=true"), "fp32")
+       for name in ("ddp", "fsdp2", "zero2", "zero3")},
     "ddp_bf16": (("parallel.backend=ddp", "parallel.precision=bf16"), "bf16"),
     "fsdp2_bf16": (("parallel.backend=fsdp2", "parallel.precision=bf16"), "bf16"),
     **{f"zero{s}_bf16": ((DS, f"parallel.zero_stage={s}", "parallel.precision=bf16"), "bf16") for s in (1, 2, 3)},
@@ -146,7 +151,7 @@ def _masters_vs_module(engine) -> float:
 def _run_cells(rank: int, world: int, folder: str) -> dict:
     import torch.distributed as dist
 
-    from harness.parallel.support import check_launch_supported
+    from harness.parallel.support import check_deepspeed_json, check_launch_supported
     from tests.parallel import _common as C
 
     torch.set_num_threads(1)
@@ -173,7 +178,8 @@ def _run_cells(rank: int, world: int, folder: str) -> dict:
                 _resolve(overrides, folder, write=True)
             dist.barrier()
             cfg = cell_config(overrides, folder)
-            check_launch_supported(cfg, "cpu")  # the command line's start-up check, then the engine's
+            check_deepspeed_json(cfg, "cpu")  # the command line's start-up checks, then the engine's
+            check_launch_supported(cfg, "cpu")
             C.build(cfg, C.runtime(rank, world))
             refusals[name] = None
         except Exception as err:  # noqa: BLE001 - the message is what is checked
