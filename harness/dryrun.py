@@ -158,9 +158,9 @@ def run_plan(command: str, cfg: RunConfig, request: LaunchRequest, *, synthetic_
     fp16 on CPU, fairscale without CUDA), with the run's own checks.
     """
     from harness.parallel.support import check_supported
-    from harness.runtime import _pick_device
+    from harness.runtime import pick_device
 
-    device = _pick_device(cfg.train.device, request.local_rank)  # the run's choice, and its refusal
+    device = pick_device(cfg.train.device, request.local_rank)  # the run's choice, and its refusal
     check_supported(cfg, device)
     batch, lr = describe_batch_and_lr(cfg, request.world_size, device)
     rows = [

@@ -31,7 +31,7 @@ class Runtime:
         return self.rank == 0
 
 
-def _pick_device(name: str, local_rank: int) -> torch.device:
+def pick_device(name: str, local_rank: int) -> torch.device:
     if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
@@ -50,7 +50,7 @@ def init_runtime(cfg: RunConfig) -> Runtime:
             f"launched with WORLD_SIZE={world_size} but parallel.backend=none runs a single process: "
             "set parallel.backend (ddp, fsdp2, deepspeed, fairscale) or launch one process"
         )
-    device = _pick_device(cfg.train.device, local_rank)
+    device = pick_device(cfg.train.device, local_rank)
     if cfg.parallel.backend != "none" and not dist.is_initialized():
         init_process_group(device, rank, world_size)
     return Runtime(rank=rank, world_size=world_size, local_rank=local_rank, device=device)

@@ -216,7 +216,7 @@ def _check_gpu_preset(cfg: RunConfig, device_type: str) -> None:
     and so does parallel.allow_slow_cpu_fp16 (the fp16-on-CPU opt-in of train/precision)."""
     if device_type != "cpu" or not cfg.name.startswith("seer_") or cfg.parallel.precision != "fp16":
         return
-    if getattr(cfg.parallel, "allow_slow_cpu_fp16", False):
+    if cfg.parallel.allow_slow_cpu_fp16:
         return
     raise ConfigError(
         f"{cfg.name} is a GPU preset (fp16, {cfg.model.arch}, {cfg.data.num_workers} loader workers) "

@@ -110,10 +110,6 @@ def check_deepspeed_json(cfg: RunConfig, device_type: str, launcher: str = "none
 
 
 def check_launch_supported(cfg: RunConfig, device_type: str) -> None:
-    """`refusal`'s rules at the command line's start-up (a run and its --dry-run alike),
-    before any process group exists."""
-    p = cfg.parallel
-    bf16 = device_type != "cuda" or (torch.cuda.is_available() and torch.cuda.is_bf16_supported())
-    reason = refusal(p.backend, p.precision, device_type, bf16, allow_slow_cpu_fp16=p.allow_slow_cpu_fp16)
-    if reason:
-        raise ConfigError(reason)
+    """`check_supported` at the command line's start-up (a run and its --dry-run alike),
+    before any process group exists, for the device type the run would pick."""
+    check_supported(cfg, torch.device(device_type))

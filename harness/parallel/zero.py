@@ -38,8 +38,9 @@ from harness.config.loader import ConfigError
 from harness.config.schema import RunConfig
 from harness.optim.build import param_groups
 from harness.optim.segmented_lars import FlatLayout, SegmentedLARS, layout_from_ranges
-from harness.parallel.ds_json import cpu_refusal, deepspeed_json_fields, enabled, fill_auto, read_deepspeed_json
+from harness.parallel.ds_json import deepspeed_json_fields, enabled, fill_auto, read_deepspeed_json
 from harness.parallel.engine import Engine
+from harness.parallel.support import check_deepspeed_json, device_kind
 from harness.runtime import Runtime
 from harness.ssl.swav import SwAV
 from harness.train.precision import check_precision_supported
@@ -313,8 +314,7 @@ class ZeroEngine(Engine):
 
     def __init__(self, method: SwAV, cfg: RunConfig, rt: Runtime, lr: float) -> None:
         super().__init__(method, cfg, rt)
-        if rt.device.type == "cpu" and (refusal := cpu_refusal(cfg.parallel.deepspeed_config)):
-            raise ConfigError(refusal)
+        check_deepspeed_json(cfg, device_kind(rt.device))  # also for callers that skip the CLI's checks
         check_precision_supported(cfg.parallel.precision, rt.device)
         self.ds_config = deepspeed_config(cfg, rt.world_size, sum(p.numel() for p in method.parameters()))
         self.stage = int(self.ds_config["zero_optimization"]["stage"])
