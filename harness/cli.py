@@ -1,4 +1,4 @@
-"""`harness` command line: pretrain, models, plan, profile, report, config.
+"""`harness` command line: pretrain, models, plan, profile, report, export, config.
 
 Subcommands import their heavy dependencies lazily so that `harness config
 show` and `harness models` answer quickly.
@@ -16,6 +16,7 @@ if TYPE_CHECKING:  # imported lazily at run time, so that `harness config` answe
     from harness.config.schema import RunConfig
     from harness.parallel.launchers import LaunchRequest
     from harness.profiling.devices import DeviceProfile
+    from harness.profiling.goodput import Assumptions
     from harness.profiling.records import Point
 
 DEFAULT_PRESET = "quickstart"
@@ -117,14 +118,14 @@ def _format_plan(points: list, top: int) -> str:
     from harness.parallel.support import multi_gpu_caveat
     from harness.profiling.records import GIB
 
-    rows = [f"{'strategy':18s} {'AC':3s} {'micro x accum':>13s} {'SyncBN':>6s} {'peak GiB':>9s} {'headroom':>9s} "
-            f"{'step s':>7s} {'img/s/GPU':>9s}  fits"]
+    rows = [f"{'strategy':18s} {'AC':3s} {'micro x accum':>13s} {'SyncBN':>6s} {'peak GiB':>9s} {'start GiB':>9s} "
+            f"{'headroom':>9s} {'step s':>7s} {'img/s/GPU':>9s}  fits"]
     for p in points[:top]:
         s = p.strategy
         rows.append(f"{_strategy_cell(p):18s} {'on' if s.activation_checkpointing else 'off':3s} "
                     f"{f'{s.micro_batch} x {s.grad_accum}':>13s} "
                     f"{({0: 'all', -1: 'node'}).get(s.syncbn_group_size, str(s.syncbn_group_size)):>6s} "
-                    f"{p.memory.peak / GIB:9.2f} "
+                    f"{p.memory.peak / GIB:9.2f} {p.memory.startup / GIB:9.2f} "
                     f"{p.headroom / GIB:9.2f} {p.time.step:7.3f} {p.time.images_per_second:9.2f}  "
                     f"{'yes' if p.fits else 'no'}")
     caveats = dict.fromkeys(c for p in points[:top] if (c := multi_gpu_caveat(p.strategy.backend, p.world_size)))
@@ -198,15 +199,57 @@ def _best_line(choice: Point) -> str:
             + (f"; {UNVALIDATED_MARK} not yet validated on several GPUs: {caveat}" if caveat else ""))
 
 
+def _add_plan_run_args(p: argparse.ArgumentParser) -> None:
+    """Storage and failure figures for `plan`'s checkpoint and goodput lines (defaults: goodput.py)."""
+    from harness.profiling import goodput as g
+
+    p.add_argument("--storage-gbps", type=float, default=g.STORAGE_GBPS, help="aggregate write (and read) "
+                   f"bandwidth of the shared filesystem, GB/s (default {g.STORAGE_GBPS:g}: a round assumption)")
+    p.add_argument("--storage-node-gbps", type=float, default=g.NODE_GBPS, help="what one node can write "
+                   f"(and read), GB/s; 0: no per-node cap (default {g.NODE_GBPS:.3g}: Llama 3's Tectonic sustains "
+                   "2 TB/s for 2,048 8-GPU nodes, Dubey et al. 2024, 3.3.1)")
+    mtbf = p.add_mutually_exclusive_group()
+    mtbf.add_argument("--mtbf-hours", type=float, help="the whole job's mean time between failures, hours "
+                      "(default: --gpu-mtbf-hours / GPUs)")
+    mtbf.add_argument("--gpu-mtbf-hours", type=float, default=g.GPU_MTBF_HOURS, help="one GPU's mean time "
+                      f"between failures, hours; the job's is this over the GPU count (default "
+                      f"{g.GPU_MTBF_HOURS:,.0f}: Llama 3, 419 unexpected interruptions in 54 days on up to 16,384 "
+                      "H100s, Dubey et al. 2024, 3.3.4)")
+    p.add_argument("--restart-minutes", type=float, default=g.RESTART_MINUTES, help="minutes a restarted job "
+                   "takes before it loads the checkpoint: rescheduling, launch, model build (default "
+                   f"{g.RESTART_MINUTES:g}: a round assumption)")
+
+
+def _plan_assumptions(args: argparse.Namespace) -> Assumptions:
+    """The storage and failure figures, each checked before any planning work: one line per mistake."""
+    import math
+
+    from harness.profiling.goodput import Assumptions
+
+    for flag, value, zero, what in (
+            ("--storage-gbps", args.storage_gbps, False, "the filesystem's bandwidth in GB/s, e.g. 10"),
+            ("--storage-node-gbps", args.storage_node_gbps, True, "one node's bandwidth in GB/s, or 0 for no cap"),
+            ("--mtbf-hours", args.mtbf_hours, False, "the job's mean time between failures in hours, e.g. 24"),
+            ("--gpu-mtbf-hours", args.gpu_mtbf_hours, False, "one GPU's mean time between failures in hours"),
+            ("--restart-minutes", args.restart_minutes, True, "the minutes a restart takes before the load")):
+        if value is not None and not (math.isfinite(value) and (value >= 0 if zero else value > 0)):
+            raise ConfigError(f"{flag} {value:g}: give {what} (a number {'>= 0' if zero else '> 0'})")
+    return Assumptions(storage_gbps=args.storage_gbps, node_gbps=args.storage_node_gbps, mtbf_hours=args.mtbf_hours,
+                       gpu_mtbf_hours=args.gpu_mtbf_hours, restart_minutes=args.restart_minutes)
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
-    """One table per GPU count; exit status 1 when nothing fits at some count."""
+    """One table per GPU count, then the best setup's start-up, checkpoint and goodput; exit
+    status 1 when nothing fits at some count."""
     import json
 
     from harness.config import load_config
-    from harness.profiling.planner import best, search
+    from harness.profiling.planner import best, checkpoint_plan, search
+    from harness.profiling.report import run_lines
 
     _give_back_overrides(args, "gpus")
     (device,), counts = _devices([args.device]), _gpu_counts(args.gpus)
+    assume = _plan_assumptions(args)
     cfg = load_config(args.config, args.overrides)
     if args.dry_run:
         from harness.dryrun import plan_plan
@@ -215,7 +258,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         return 0
     plans = [(gpus, search(cfg, device, gpus, progress=not args.json)) for gpus in counts]
     if args.json:
-        print(json.dumps([p.to_dict() for _, points in plans for p in points], indent=1))
+        print(json.dumps([{**p.to_dict(), "checkpoint": checkpoint_plan(cfg, p, device.gpus_per_node, assume).to_dict()}
+                          for _, points in plans for p in points], indent=1))
         return 0
     status = 0
     for gpus, points in plans:
@@ -227,6 +271,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
             status = 1
         else:
             print(_best_line(choice))
+            print("\n".join(run_lines(choice, checkpoint_plan(cfg, choice, device.gpus_per_node, assume), assume)))
     return status
 
 
@@ -301,6 +346,32 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    """One consolidated trunk file (see harness/checkpoint/export.py for the layout and the `fc` rule)."""
+    if (args.checkpoint is None) == (args.from_vissl is None):
+        raise ConfigError("give a CHECKPOINT (a checkpoints/step_* folder or a run folder) or --from-vissl FILE, "
+                          "one of the two")
+    if args.from_vissl is None and (args.arch or args.trust_pickle):
+        raise ConfigError("--arch and --trust-pickle are for --from-vissl: a harness checkpoint names its trunk")
+    if args.from_vissl is not None and args.with_head:
+        raise ConfigError("--with-head is for harness checkpoints: the VISSL SwAV head is not converted")
+    from harness.checkpoint.export import convert_vissl, export_checkpoint, output_format
+
+    output_format(args.out, args.format)  # a bad suffix is refused before anything is read
+    if args.from_vissl is not None:
+        done = convert_vissl(args.from_vissl, args.out, arch=args.arch, fmt=args.format,
+                             trust_pickle=args.trust_pickle)
+    else:
+        done = export_checkpoint(args.checkpoint, args.out, with_head=args.with_head, fmt=args.format)
+    step = f", step {done.meta['step']}" if "step" in done.meta else ""
+    if done.note:
+        print(f"note: {done.note}")
+    print(f"wrote {done.path}: {done.arch} {done.meta['contents'].replace(',', ' + ')}{step}, {done.tensors} "
+          f"tensors, {done.values / 1e6:.2f}M values; no fc: set model.fc = nn.Identity(), then "
+          "load_state_dict(strict=True)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="harness", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -323,6 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "e.g. --gpus 8,64 or --gpus 8 64")
     p.add_argument("--top", type=int, default=15, help="rows to show")
     p.add_argument("--json", action="store_true", help="every prediction as JSON")
+    _add_plan_run_args(p)
     _add_dry_run(p, "resolve config, device and GPU counts, say how many strategies would be predicted, stop")
     p.set_defaults(func=cmd_plan)
 
@@ -350,6 +422,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_dry_run(p, "resolve configs, devices, GPU counts and --measured files, say what would be predicted, stop")
     p.add_argument("overrides", nargs="*", metavar="key.path=value", help="applied to every config")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("export", help="one trunk file (safetensors or .pt, torchvision names) from a checkpoint "
+                       "or a VISSL SEER checkpoint")
+    p.add_argument("checkpoint", nargs="?", help="a checkpoints/step_* folder, or a run folder (its newest checkpoint)")
+    p.add_argument("--from-vissl", metavar="FILE", help="convert a VISSL SEER RegNet checkpoint instead")
+    p.add_argument("--out", required=True, metavar="FILE", help="output file: .safetensors, or .pt/.pth (torch.save)")
+    p.add_argument("--format", choices=["safetensors", "pt"], help="override the format the suffix implies")
+    p.add_argument("--with-head", action="store_true", help="keep the SwAV head and prototypes (head.*, prototypes.*)")
+    p.add_argument("--arch", help="with --from-vissl: the RegNet preset the trunk must match (default: read off "
+                   "the shapes)")
+    p.add_argument("--trust-pickle", action="store_true", help="with --from-vissl: torch.load a file that holds "
+                   "Python objects besides tensors (runs its pickled code: only for files you trust)")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("config", help="list presets or show a fully resolved config")
     csub = p.add_subparsers(dest="action", required=True)

@@ -182,7 +182,16 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     log_every: int = 1
-    checkpoint_every: int = 0  # 0: only the final checkpoint
+    checkpoint_every: int = 0  # steps between checkpoints; 0: none by step count
+    checkpoint_minutes: float = 0.0  # minutes between checkpoints; 0: none by time
+    checkpoint_keep: int = 3  # newest checkpoints kept (milestones are kept on top)
+    checkpoint_milestones: int = 0  # also keep every checkpoint whose step is a multiple of this; 0: none
+    checkpoint_async: bool = False  # DCP async_save: training goes on while the checkpoint is written
+    resume: str = "auto"  # auto: continue this run_name's newest complete checkpoint | never | a checkpoint path
+    init_from: Optional[str] = None  # start a NEW run from a checkpoint's weights (see init_from_scope)
+    init_from_scope: str = "all"  # all: trunk, head and prototypes | trunk
+    time_limit: float = 0.0  # minutes of wall clock after which the run checkpoints and exits 0; 0: none
+    max_bad_steps: int = 5  # consecutive steps with a NaN/Inf loss or gradient before the run stops
     output_dir: str = "runs"
     run_name: Optional[str] = None
     tensorboard: bool = True

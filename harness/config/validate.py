@@ -157,6 +157,16 @@ def _check_train(cfg: RunConfig) -> None:
     _require(t.grad_accum >= 1, f"train.grad_accum={t.grad_accum} must be >= 1")
     _require(t.log_every >= 1, "train.log_every must be >= 1")
     _require(t.checkpoint_every >= 0, "train.checkpoint_every must be >= 0 (0: final checkpoint only)")
+    _require(t.checkpoint_minutes >= 0, "train.checkpoint_minutes must be >= 0 (0: no time-based checkpoints)")
+    _require(t.checkpoint_keep >= 1, f"train.checkpoint_keep={t.checkpoint_keep} must be >= 1 (newest checkpoints kept)")
+    _require(t.checkpoint_milestones >= 0, "train.checkpoint_milestones must be >= 0 (0: no milestones)")
+    _require(t.time_limit >= 0, "train.time_limit must be >= 0 minutes (0: no limit)")
+    _require(t.max_bad_steps >= 1, f"train.max_bad_steps={t.max_bad_steps} must be >= 1")
+    _one_of(t.init_from_scope, ("all", "trunk"), "train.init_from_scope")
+    _require(bool(t.resume), "train.resume must be auto, never or a checkpoint path")
+    _require(not (t.init_from and t.resume not in ("auto", "never")),
+             "train.init_from and train.resume=PATH both name a checkpoint: keep one (init_from starts a new run "
+             "from weights, resume continues a run)")
     _one_of(t.device, DEVICES, "train.device")
     _one_of(p.backend, BACKENDS, "parallel.backend")
     _one_of(p.precision, PRECISIONS, "parallel.precision")

@@ -6,19 +6,24 @@ Design points:
   viewed through `RepeatedDataset` and batches are always full (SwAV's
   Sinkhorn needs a steady batch size).
 - `DistributedSampler` splits indices between ranks; `set_epoch` reshuffles.
-- Augmentation randomness is seeded from (seed, rank): worker processes are
-  seeded by the DataLoader from our generator; with num_workers=0 the views
-  are drawn from a private RNG so that model code using torch's global RNG
-  neither disturbs nor is disturbed by them.
+- Augmentation randomness is a pure function of (seed, epoch, index), not of
+  the worker that loads a sample or what it loaded before: `EpochSampler`
+  hands out keys `epoch * length + index` and `SeededDataset` reseeds torch's
+  CPU RNG from the key around each sample. That is what lets a resumed run
+  (`harness.data.stream.DataStream`) see bit-identical batches, with any
+  number of workers, and keeps the model's global RNG untouched.
 """
 
 from __future__ import annotations
 
+import hashlib
+import itertools
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, get_worker_info
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from harness.config.schema import DataConfig
 from harness.data.builtin import builtin_image_paths
@@ -45,29 +50,81 @@ class RepeatedDataset(Dataset):
         return self.dataset[index % self._base]
 
 
-class PrivateRNGDataset(Dataset):
-    """Draws the wrapped dataset's randomness from its own torch RNG stream
-    when loading in the main process (num_workers=0).
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """63-bit seed of one sample's augmentation.
 
-    Inside a worker it does nothing: the DataLoader has already seeded that
-    process's RNG from the loader's generator.
+    A hash rather than arithmetic (seed + epoch * n + index) so that
+    neighbouring seeds, epochs and indices share no streams. Rank is left out
+    on purpose: a sample is the same picture whichever rank draws it, which
+    keeps a resume on a different world size close to the original run.
+    """
+    digest = hashlib.blake2b(f"{seed}:{epoch}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+class SeededDataset(Dataset):
+    """Key `epoch * len(dataset) + index` -> `dataset[index]`, augmented
+    under torch's CPU RNG seeded by `sample_seed(seed, epoch, index)`.
+
+    `fork_rng(devices=[])` restores the CPU RNG afterwards, so the model's
+    randomness neither disturbs nor is disturbed by loading in the main
+    process (num_workers=0). Only the CPU default generator is reseeded:
+    `torch.manual_seed` would also reseed every CUDA generator, which
+    fork_rng(devices=[]) does not restore. torchvision's v2 transforms draw
+    only from torch's RNG (no `random`/numpy), and so does `MultiCrop`.
     """
 
     def __init__(self, dataset: Dataset, seed: int) -> None:
         self.dataset = dataset
-        self._state = torch.Generator().manual_seed(seed).get_state()
+        self.seed = seed
+        self._length = len(dataset)  # type: ignore[arg-type]
 
     def __len__(self) -> int:
-        return len(self.dataset)  # type: ignore[arg-type]
+        return self._length
 
-    def __getitem__(self, index: int) -> Any:
-        if get_worker_info() is not None:
-            return self.dataset[index]
+    def __getitem__(self, key: int) -> Any:
+        if key < 0:
+            raise IndexError(f"sample key must be >= 0 (epoch * {self._length} + index), got {key}")
+        epoch, index = divmod(key, self._length)
         with torch.random.fork_rng(devices=[]):
-            torch.set_rng_state(self._state)
-            item = self.dataset[index]
-            self._state = torch.get_rng_state()
-        return item
+            torch.default_generator.manual_seed(sample_seed(self.seed, epoch, index))
+            return self.dataset[index]
+
+
+class EpochSampler(Sampler[int]):
+    """This rank's share of an epoch as `SeededDataset` keys, from a start position.
+
+    Wraps `DistributedSampler` (which does the rank split and the per-epoch
+    shuffle) and adds two things: the epoch rides along in every key, so
+    persistent workers need no set-epoch message; and iteration can begin
+    `start` samples into the epoch by slicing the index list, so a resumed
+    run skips what it already trained on without decoding it.
+    """
+
+    def __init__(self, sampler: DistributedSampler, length: int) -> None:
+        self.sampler = sampler
+        self.length = length
+        self.epoch = 0
+        self.start = 0
+
+    @property
+    def samples_per_epoch(self) -> int:
+        """Indices this rank gets per epoch (DistributedSampler pads to equal shares)."""
+        return len(self.sampler)
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        if epoch < 0 or start < 0:
+            raise ValueError(f"epoch and start must be >= 0, got epoch={epoch}, start={start}")
+        self.sampler.set_epoch(epoch)
+        self.epoch, self.start = epoch, start
+
+    def __iter__(self) -> Iterator[int]:
+        base = self.epoch * self.length
+        return (base + i for i in itertools.islice(iter(self.sampler), self.start, None))
+
+    def __len__(self) -> int:
+        """What the next iteration yields (so `len(loader)` counts remaining batches)."""
+        return max(0, self.samples_per_epoch - self.start)
 
 
 def collate_crops(samples: list[list[torch.Tensor]]) -> list[torch.Tensor]:
@@ -115,7 +172,9 @@ def build_dataloader(
     `epoch_length` is the least number of global images per epoch: a tiny
     folder (the built-in photos) is repeated so that an epoch holds many
     batches and workers can prefetch across steps. An epoch always covers the
-    folder at least once and holds at least one global batch.
+    folder at least once and holds at least one global batch. Iterating the
+    loader gives one epoch (the one last passed to `set_epoch`); wrap it in
+    `DataStream` for the endless, resumable stream the training loop uses.
     """
     if world_size <= 0 or not 0 <= rank < world_size:
         raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
@@ -129,11 +188,10 @@ def build_dataloader(
     paths = image_paths(cfg)
     images = ImageDataset(paths, MultiCrop(cfg.crops, cfg.augment), cache_decoded=len(paths) <= CACHE_MAX_IMAGES)
     length = max(epoch_length or 0, len(images), cfg.batch_size * world_size)
-    dataset: Dataset = RepeatedDataset(images, length)
-    if cfg.num_workers == 0:
-        dataset = PrivateRNGDataset(dataset, rank_seed(seed, rank))
-    sampler = DistributedSampler(
-        dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=False
+    dataset = SeededDataset(RepeatedDataset(images, length), seed)
+    sampler = EpochSampler(
+        DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=False),
+        length,
     )
     return DataLoader(
         dataset,
@@ -144,6 +202,7 @@ def build_dataloader(
         pin_memory=torch.cuda.is_available(),
         drop_last=True,
         persistent_workers=cfg.num_workers > 0,
+        # Only seeds the workers' own RNGs; augmentation is reseeded per sample.
         generator=torch.Generator().manual_seed(rank_seed(seed, rank)),
     )
 

@@ -9,7 +9,7 @@ groups are always built in the same order (adapted first) and keep a
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -40,14 +40,17 @@ def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict[str, Any]]:
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float,
-                    norm_process_group: Any = None) -> torch.optim.Optimizer:
+                    norm_process_group: Any = None, groups: Optional[list[dict[str, Any]]] = None,
+                    ) -> torch.optim.Optimizer:
     """LARS (cfg.lars.enabled) or torch.optim.SGD over `model`'s trainable parameters.
 
     `lr` is the starting rate; the schedule overwrites it every step.
     `norm_process_group` is only for sharded parameters (FSDP): the group
     across which LARS sums per-shard norms. Leave it None for DDP.
+    `groups`: parameter groups made elsewhere (an SSL method's `ParallelSpec`
+    declares its own); default `param_groups(model, cfg)`.
     """
-    groups = param_groups(model, cfg)
+    groups = param_groups(model, cfg) if groups is None else groups
     if not cfg.lars.enabled:
         if norm_process_group is not None:
             raise ValueError("norm_process_group needs optim.lars.enabled")

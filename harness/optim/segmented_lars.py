@@ -109,6 +109,7 @@ class SegmentedLARS(LARS):
         super().__init__(params, lr, **kwargs)
         self.layouts: dict[int, FlatLayout] = {}
         self.frozen: set[int] = set()
+        self.skip_next = False  # a NaN/Inf step: the engine steps DeepSpeed, which must not change anything
 
     def attach_layouts(self, layouts: dict[int, FlatLayout]) -> None:
         """`layouts`: id(flat tensor) -> its layout."""
@@ -145,6 +146,8 @@ class SegmentedLARS(LARS):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self.skip_next:
+            return loss
         for group in self.param_groups:
             for flat in group["params"]:
                 layout = self.layouts.get(id(flat))

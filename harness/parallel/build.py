@@ -1,51 +1,59 @@
 """`build_engine`: the one call the loop makes to get its backend.
 
-Each backend is one branch: wrap the method, then build the optimizer over
-the WRAPPED parameters (FSDP2 replaces them with sharded DTensors).
+Every backend goes the same way (harness.parallel.parallelize): refuse what
+cannot run, start the method (meta, then real tensors where the backend
+wants them), parallelize it (SyncBN -> activation checkpointing -> wrap),
+then build the optimizer over the WRAPPED parameters (FSDP2 replaces them
+with sharded DTensors) from the method's own parameter groups.
 """
 
 from __future__ import annotations
 
+import torch
+
 from harness.config.schema import RunConfig
 from harness.optim import build_optimizer
 from harness.parallel.engine import Engine
+from harness.parallel.parallelize import BACKENDS, parallelize, start_method
+from harness.parallel.precision import Precision, check_precision_supported
 from harness.parallel.torch_engine import TorchEngine
 from harness.runtime import Runtime
 from harness.ssl.swav import SwAV
-from harness.train.precision import Precision
 
 
-def build_engine(method: SwAV, cfg: RunConfig, rt: Runtime, lr: float) -> Engine:
-    """Wrap `method` (already on rt.device) for cfg.parallel.backend."""
+def build_engine(cfg: RunConfig, rt: Runtime, lr: float, num_crops: int, *,
+                 dtype: torch.dtype = torch.float32) -> Engine:
+    """The SwAV method of `cfg` (`num_crops` crops per image), started and wrapped for
+    cfg.parallel.backend, with its optimizer. `dtype`: the parameters' (fp64 for tests)."""
     backend = cfg.parallel.backend
-    precision = cfg.parallel.precision
-    if backend == "none":
-        if cfg.parallel.activation_checkpointing:
-            from harness.parallel.checkpointing import apply_activation_checkpointing
+    if backend not in BACKENDS:
+        raise NotImplementedError(f"parallel.backend={backend!r} is not built yet")
+    check_precision_supported(cfg.parallel.precision, rt.device)
+    ds_config = None
+    if backend == "fairscale":
+        from harness.parallel.fairscale_fsdp import require_cuda
 
-            apply_activation_checkpointing(method.trunk, cfg)
-        optimizer = build_optimizer(method, cfg.optim, lr=lr)
-        return TorchEngine(method, method, optimizer, Precision(precision, rt.device), cfg, rt)
-    if backend == "ddp":
-        from harness.parallel.ddp import apply_ddp
+        require_cuda(rt.device)  # before any import or model work
+    if backend == "deepspeed":
+        from harness.parallel.zero import zero_config
 
-        module = apply_ddp(method, rt, cfg)
-        optimizer = build_optimizer(method, cfg.optim, lr=lr)
-        return TorchEngine(method, module, optimizer, Precision(precision, rt.device), cfg, rt, name=backend)
-    if backend == "fsdp2":
-        from harness.parallel.fsdp2 import apply_fsdp2, norm_group
-
-        module = apply_fsdp2(method, rt, cfg)
-        group = norm_group(method) if cfg.optim.lars.enabled else None
-        optimizer = build_optimizer(method, cfg.optim, lr=lr, norm_process_group=group)
-        return TorchEngine(method, module, optimizer, Precision(precision, rt.device, sharded=True), cfg, rt,
-                           name=backend)
+        ds_config = zero_config(cfg, rt)  # refusals before the model; ZeRO-3 partitions as it builds
+    method, spec = start_method(lambda: SwAV.from_config(cfg, num_crops), cfg, rt, dtype, ds_config)
+    module = parallelize(method, spec, cfg, rt)
     if backend == "deepspeed":
         from harness.parallel.zero import ZeroEngine
 
-        return ZeroEngine(method, cfg, rt, lr)
+        return ZeroEngine(method, cfg, rt, lr, spec=spec)
     if backend == "fairscale":
         from harness.parallel.fairscale_fsdp import build_fairscale_engine
 
-        return build_fairscale_engine(method, cfg, rt, lr)
-    raise NotImplementedError(f"parallel.backend={backend!r} is not built yet")
+        return build_fairscale_engine(method, module, spec, cfg, rt, lr)
+    group = None
+    if backend == "fsdp2" and cfg.optim.lars.enabled:
+        from harness.parallel.fsdp2 import norm_group
+
+        group = norm_group(method)
+    optimizer = build_optimizer(method, cfg.optim, lr=lr, norm_process_group=group,
+                                groups=spec.param_groups(method, cfg.optim))
+    precision = Precision(cfg.parallel.precision, rt.device, sharded=backend == "fsdp2")
+    return TorchEngine(method, module, optimizer, precision, cfg, rt, name=backend, spec=spec)

@@ -1,4 +1,9 @@
-"""Activation checkpointing of the trunk, per block or per VISSL segment.
+"""Activation checkpointing of a method's stages, per block or per VISSL segment.
+
+The stages (nn.Sequential runs of blocks: torchvision's RegNet AnyStage,
+ResNet layers) are the ones the SSL method declares (`ParallelSpec.stages`);
+`harness.parallel.parallelize` applies this after SyncBN and before any
+wrapper, for every backend.
 
 Why not wrap blocks in new modules (checkpoint_wrapper)? That renames every
 parameter (`..._checkpoint_wrapped_module...`), so checkpoints and
@@ -43,14 +48,6 @@ from harness.config.schema import RunConfig
 Segment = tuple[int, int]  # [start, end) block indices within a stage
 
 
-def trunk_stages(trunk: nn.Module) -> list[nn.Sequential]:
-    """The stages of a torchvision RegNet trunk (trunk_output.block1..N), in order."""
-    body = getattr(trunk, "trunk_output", None)
-    if body is None:
-        raise ValueError("activation checkpointing expects a torchvision RegNet trunk (trunk.trunk_output)")
-    return list(body.children())
-
-
 def segments(depths: Sequence[int], stage_checkpoints: Optional[list[list[int]]]) -> list[list[Segment]]:
     """Checkpointed [start, end) block ranges of every stage; validates the VISSL lists."""
     if stage_checkpoints is None:
@@ -91,11 +88,14 @@ def _stage_forward(stage: nn.Sequential, plan: list[Segment]):
     return forward
 
 
-def apply_activation_checkpointing(trunk: nn.Module, cfg: RunConfig) -> list[list[Segment]]:
-    """Checkpoint `trunk`'s stages in place (cfg.parallel.stage_checkpoints); returns the segments per stage."""
+def apply_activation_checkpointing(stages: Sequence[nn.Module], cfg: RunConfig) -> list[list[Segment]]:
+    """Checkpoint the blocks of `stages` in place (cfg.parallel.stage_checkpoints); returns the segments per stage."""
     from harness.parallel.syncbn import guard_running_stats  # recompute must not touch BN stats
 
-    stages = trunk_stages(trunk)
+    if not stages or not all(isinstance(s, nn.Sequential) for s in stages):
+        raise ValueError("activation checkpointing needs the trunk's stages of blocks (a torchvision RegNet's "
+                         "trunk_output or a ResNet's layer1..4): this trunk declares none; set "
+                         "parallel.activation_checkpointing=false")
     plan = segments([len(s) for s in stages], cfg.parallel.stage_checkpoints)
     for stage, stage_plan in zip(stages, plan):
         for a, b in stage_plan:

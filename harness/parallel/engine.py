@@ -10,12 +10,13 @@ never branches on the backend (torchtitan's and DINOv2's split).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import nn
 
 from harness.config.schema import RunConfig
+from harness.parallel.spec import ParallelSpec
 from harness.runtime import Runtime
 from harness.ssl.swav import SwAV
 
@@ -42,8 +43,9 @@ class Engine(ABC):
 
     name: str = ""
 
-    def __init__(self, method: SwAV, cfg: RunConfig, rt: Runtime) -> None:
+    def __init__(self, method: SwAV, cfg: RunConfig, rt: Runtime, spec: Optional[ParallelSpec] = None) -> None:
         self.method = method  # unwrapped: prototypes, loss, hooks of the SSL method
+        self.spec = spec if spec is not None else method.parallel_spec()  # the method's step rules
         self.cfg = cfg
         self.rt = rt
         select_cpu_kernels(cfg.parallel.precision, rt.device)
@@ -63,7 +65,8 @@ class Engine(ABC):
 
     @abstractmethod
     def state_dict(self) -> dict[str, Any]:
-        """Model, optimizer and scaler state, as this backend saves it."""
+        """Model (gathered: one full tensor per parameter), optimizer and scaler state, for tests and
+        tools. Checkpoints do not use it: harness.checkpoint saves every rank's own pieces."""
 
     @abstractmethod
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -76,6 +79,16 @@ class Engine(ABC):
 
     def train(self) -> None:
         self.module.train()
+
+    def grads_finite(self) -> Optional[torch.Tensor]:
+        """A device bool: are this rank's gradients finite? None where the backend cannot tell
+        before its step (the loss check still applies)."""
+        return None
+
+    @abstractmethod
+    def skip_step(self) -> None:
+        """Drop this step's gradients without touching weights, momentum or the loss scale
+        (a NaN/Inf step: every rank calls it instead of `optimizer_step`)."""
 
     def local_state_bytes(self) -> dict[str, int]:
         """Bytes of parameter, gradient and optimizer-state storage held by THIS rank.

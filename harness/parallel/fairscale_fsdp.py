@@ -1,25 +1,36 @@
-"""fairscale FullyShardedDataParallel as SEER-10B ran it (VISSL regnet10B.yaml).
+"""fairscale FullyShardedDataParallel as SEER-10B ran it (VISSL regnet_fsdp.py, regnet10B.yaml).
 
-Kept beside FSDP2 because it is what the 10B recipe was validated with:
-auto-wrap by parameter count (``parallel.wrap_min_params``, 1e8 in SEER),
+Kept beside FSDP2 because it is what the 10B recipe was validated with.
+Wrapped AS IT IS BUILT, like VISSL's `RegnetFSDPBlocksFactory`: the method
+arrives on the meta device and each unit is materialised (its initial values
+from `harness.models.init`), then sharded at once, inner units first, so a
+rank never holds more than its shards plus the unit being wrapped. Units
+(`unit_plan`): every BatchNorm alone in fp32 (VISSL's fsdp_auto_wrap_bn),
+every Conv2d of ``parallel.wrap_min_params`` (1e8 in SEER) parameters or more
+inside a block (VISSL's auto_wrap_big_layers), every block, every checkpoint
+group that is a whole stage, the spec's other units (stem, head), the fp32
+modules (prototypes) in fp32, and the root.
+
+VISSL also made each checkpoint group of blocks (``block{i}-part{j}``) a unit,
+by building the blocks inside an extra nn.Sequential; that renames every
+parameter (and so every checkpoint key), so here a group is its own unit
+only when it is a whole stage; a recompute of any other group gathers its
+blocks one by one.
+
 ``flatten_parameters=False`` so that LARS sees one tensor per parameter (its
-norms then come from ONE all-reduce of per-shard sums of squares over
-``norm_process_group``, VISSL's larc_fsdp), fp16 compute with fp32 masters,
-every BatchNorm and the prototypes in their own fp32 units (fairscale's
-``auto_wrap_bn``; prototypes are `Prototypes.KEEP_FP32`), loss scaling by
-fairscale's ShardedGradScaler (inf checks agree across ranks).
+norms come from ONE all-reduce of per-shard sums of squares over
+``norm_process_group``, VISSL's larc_fsdp); fp16 compute with fp32 masters;
+loss scaling by fairscale's ShardedGradScaler (inf checks agree across ranks).
 
-fairscale FSDP has no CPU path, so `apply_fairscale` refuses a non-CUDA
-device before anything is built. On an H100 (torch 2.11) the first version
-stopped in fairscale's ``auto_wrap``, which asserts on BN units wrapped
-before it; units are now placed by `wrap_by_plan`, which trained
-RegNetY-8/16/32GF on one H100 (profiling/gpu_h100, run 3); more than one GPU
-has not run yet.
+fairscale FSDP has no CPU path, so `require_cuda` refuses a non-CUDA device
+before anything is built. The plan's pure functions are tested on CPU; the
+wrapping itself trained RegNetY-8/16/32GF on one H100 in its earlier,
+size-policy form (profiling/gpu_h100, run 3); more than one GPU has not run.
 """
 
 from __future__ import annotations
 
-import functools
+import re
 from typing import Any, Callable, Optional
 
 import torch
@@ -29,14 +40,17 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from harness.config.loader import ConfigError
 from harness.config.schema import RunConfig
+from harness.models.init import materialize_
 from harness.optim import build_optimizer
+from harness.parallel.checkpointing import segments
+from harness.parallel.precision import Precision, check_precision_supported
+from harness.parallel.spec import ParallelSpec, drop_frozen_grads, replace_submodule, submodules
 from harness.parallel.support import FAIRSCALE_NEEDS_CUDA, backend_refusal, device_kind
 from harness.parallel.torch_engine import TorchEngine
 from harness.runtime import Runtime
-from harness.ssl.swav import SwAV
-from harness.train.precision import check_precision_supported
 
 CPU_REFUSAL = FAIRSCALE_NEEDS_CUDA  # support.py holds the rule, for training and the planner alike
+_WRAPPER_NAMES = re.compile(r"(^|\.)(_fsdp_wrapped_module|_fpw_module)(?=\.|$)")
 
 
 def require_cuda(device: torch.device) -> None:
@@ -46,41 +60,52 @@ def require_cuda(device: torch.device) -> None:
         raise ConfigError(reason)
 
 
-def wrap_plan(module: nn.Module, min_params: int) -> list[str]:
-    """Names of the submodules to wrap in their own unit, inner ones first: fairscale's
-    ``default_auto_wrap_policy`` (min_num_params=min_params) applied as its
-    ``auto_wrap`` recursion applies it, BN excluded (wrapped on its own in fp32).
+def _numel(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
 
-    `apply_fairscale` wraps by this list rather than calling ``auto_wrap``, which
-    asserts on a tree that already holds units (the BN ones); the planner reads the
-    same list on a meta-device model, so what it models is what runs. Recurse into a
-    module while its unwrapped parameter count reaches the threshold, wrap a non-root
-    module whose remainder still does.
-    """
-    from fairscale.nn.wrap.auto_wrap import default_auto_wrap_policy
 
-    policy = functools.partial(default_auto_wrap_policy, min_num_params=min_params,
-                               exclude_wrap_modules={nn.ModuleList, nn.ModuleDict, _BatchNorm})
+def big_convs(module: nn.Module, min_params: int) -> list[str]:
+    """Names (within `module`) of its Conv2d layers with at least `min_params` parameters:
+    VISSL's `_BigConvAutoWrapPolicy` (every such conv lies inside modules at least as big,
+    so its recursion reaches exactly these)."""
+    return [n for n, m in module.named_modules() if n and isinstance(m, nn.Conv2d) and _numel(m) >= min_params]
+
+
+def unit_plan(method: nn.Module, spec: ParallelSpec, cfg: RunConfig) -> list[str]:
+    """Names of the mixed-precision units `apply_fairscale` wraps, inner ones first (BatchNorm
+    and the spec's fp32 modules are wrapped on their own, the root last). The planner
+    (harness.profiling.memory_model) reads the same list."""
+    par = cfg.parallel
+    grouped = par.activation_checkpointing and par.stage_checkpoints is not None
+    stages = submodules(method, spec.stages)
     plan: list[str] = []
-
-    def visit(mod: nn.Module, name: str, root: bool) -> int:
-        total = sum(p.numel() for p in mod.parameters())
-        if not policy(module=mod, recurse=True, unwrapped_params=total, module_is_root=root):
-            return 0
-        wrapped = sum(visit(child, f"{name}.{n}" if name else n, False) for n, child in mod.named_children())
-        if not root and policy(module=mod, recurse=False, unwrapped_params=total - wrapped, module_is_root=root):
+    for name, stage, stage_plan in zip(spec.stages, stages,
+                                       segments([len(s) for s in stages], par.stage_checkpoints if grouped else None)):
+        for block_name, block in stage.named_children():
+            plan += [f"{name}.{block_name}.{c}" for c in big_convs(block, par.wrap_min_params)]
+            plan.append(f"{name}.{block_name}")
+        if grouped and stage_plan == [(0, len(stage))] and len(stage) > 1:
+            plan.append(name)  # a checkpoint group that is the whole stage
+    for name in spec.units:
+        module = method.get_submodule(name)
+        if _numel(module):
+            plan += [f"{name}.{c}" for c in big_convs(module, par.wrap_min_params)]
             plan.append(name)
-            return total
-        return wrapped
-
-    visit(module, "", True)
     return plan
 
 
-def unit_plan(method: nn.Module, min_params: int) -> list[str]:
-    """What `apply_fairscale` wraps by size (inner first): `wrap_plan` of the whole method,
-    less the prototypes, which get their own fp32 unit. The planner reads the same list."""
-    return [n for n in wrap_plan(method, min_params) if n.split(".")[0] != "prototypes"]
+def wrap_by_plan(root: nn.Module, plan: list[str], wrap: Callable[[nn.Module], nn.Module]) -> None:
+    """Replace each planned submodule of `root` by `wrap(submodule)`, in the plan's order.
+
+    Plans list inner modules before the modules holding them, so the path to
+    a unit never runs through a wrapper when it is resolved."""
+    for name in plan:
+        replace_submodule(root, name, wrap(root.get_submodule(name)))
+
+
+def clean_name(name: str) -> str:
+    """A parameter or module name with fairscale's wrapper levels removed (its state-dict keys)."""
+    return _WRAPPER_NAMES.sub("", name).lstrip(".")
 
 
 def _fsdp_kwargs(cfg: RunConfig) -> dict[str, Any]:
@@ -95,56 +120,69 @@ def _fsdp_kwargs(cfg: RunConfig) -> dict[str, Any]:
     )
 
 
-def apply_fairscale(method: SwAV, cfg: RunConfig, rt: Runtime) -> nn.Module:
-    """Wrap `method` in nested fairscale FSDP units; returns the root."""
+def wrap_as_built(method: nn.Module, spec: ParallelSpec, cfg: RunConfig, device: torch.device,
+                  wrap: Callable[[nn.Module], nn.Module], wrap_fp32: Callable[[nn.Module], nn.Module]) -> nn.Module:
+    """Materialise and wrap `method` (on meta) unit by unit, inner units first; returns the wrapped root.
+
+    Each unit's still-meta tensors get their initial values (by their names in
+    `method`) right before `wrap` shards them, so what a rank holds at any
+    time is the units already sharded plus the one being wrapped. BatchNorms
+    and the spec's fp32 modules go to `wrap_fp32`."""
+    names = {id(m): n for n, m in method.named_modules()}  # the rules' names, before any wrapper exists
+
+    def built(wrapper: Callable[[nn.Module], nn.Module]) -> Callable[[nn.Module], nn.Module]:
+        def unit(module: nn.Module) -> nn.Module:
+            materialize_(module, device, spec.init, cfg.train.seed, names)  # what is still on meta
+            return wrapper(module)
+        return unit
+
+    plan = unit_plan(method, spec, cfg)
+    wrap_by_plan(method, [n for n, m in method.named_modules() if isinstance(m, _BatchNorm)], built(wrap_fp32))
+    wrap_by_plan(method, plan, built(wrap))
+    wrap_by_plan(method, list(spec.fp32), built(wrap_fp32))
+    return built(wrap)(method)
+
+
+def apply_fairscale(method: nn.Module, spec: ParallelSpec, cfg: RunConfig, rt: Runtime) -> nn.Module:
+    """Materialise and wrap `method` unit by unit (inner first) in fairscale FSDP; returns the root.
+    BatchNorms: fp32 units over the full group (SyncBN still syncs over its own groups)."""
     require_cuda(rt.device)
     check_precision_supported(cfg.parallel.precision, rt.device)
     from fairscale.nn.data_parallel import FullyShardedDataParallel as FSDP
-    from fairscale.nn.data_parallel.fully_sharded_data_parallel import auto_wrap_bn
 
-    from harness.parallel.checkpointing import apply_activation_checkpointing
-    from harness.parallel.syncbn import convert_syncbn
-
-    if rt.world_size > 1:
-        method.trunk = convert_syncbn(method.trunk, cfg.parallel.syncbn_group_size)
-    if cfg.parallel.activation_checkpointing:
-        apply_activation_checkpointing(method.trunk, cfg)
     kwargs = _fsdp_kwargs(cfg)
     fp32_unit = {**kwargs, "mixed_precision": False, "compute_dtype": torch.float32, "fp32_reduce_scatter": False}
-    # The plan first, on the bare model: fairscale's auto_wrap asserts on children that are
-    # already FSDP units, and BN must be wrapped before its block (seen on an H100).
-    plan = unit_plan(method, cfg.parallel.wrap_min_params)
-    # BN in fp32 units over the full group (SyncBN still syncs over its own groups)
-    method.trunk = auto_wrap_bn(method.trunk, single_rank_pg=False, fsdp_config=fp32_unit)
-    method.head = auto_wrap_bn(method.head, single_rank_pg=False, fsdp_config=fp32_unit)
-    method.prototypes = FSDP(method.prototypes, **fp32_unit)
-    wrap_by_plan(method, plan, lambda m: FSDP(m, **kwargs))
-    return FSDP(method, **kwargs)
-
-
-def wrap_by_plan(root: nn.Module, plan: list[str], wrap: Callable[[nn.Module], nn.Module]) -> None:
-    """Replace each planned submodule of `root` by `wrap(submodule)`, in the plan's order.
-
-    `wrap_plan` lists inner modules before the modules holding them, so a
-    path is always resolved before anything on it is wrapped.
-    """
-    for name in plan:
-        parent_name, _, attr = name.rpartition(".")
-        parent = root.get_submodule(parent_name) if parent_name else root
-        setattr(parent, attr, wrap(getattr(parent, attr)))
+    return wrap_as_built(method, spec, cfg, rt.device, lambda m: FSDP(m, **kwargs), lambda m: FSDP(m, **fp32_unit))
 
 
 class FairscaleEngine(TorchEngine):
     """TorchEngine over a fairscale FSDP root: LARS norms across shards, sharded scaler,
-    prototype normalisation on gathered rows (flat shards cut rows anywhere)."""
+    step hooks on gathered parameters (flat shards cut rows anywhere)."""
+
+    def _units(self) -> tuple[dict[str, nn.Parameter], list[tuple[Any, Any, list[nn.Parameter]]]]:
+        """Parameters by clean name, and per hook the innermost unit owning each hooked parameter."""
+        if getattr(self, "_hook_units", None) is None:
+            from fairscale.nn.data_parallel import FullyShardedDataParallel as FSDP
+
+            self._clean = {clean_name(n): p for n, p in self._module.named_parameters()}
+            units = {clean_name(n): m for n, m in self._module.named_modules() if isinstance(m, FSDP)}
+            self._hook_units = []
+            for hook in self.spec.after_step:
+                for name in hook.params:
+                    owner = max((u for u in units if u == "" or name.startswith(u + ".")), key=len)
+                    self._hook_units.append((units[owner], hook, [self._clean[name]]))
+        return self._clean, self._hook_units
 
     def optimizer_step(self, step: int) -> bool:
-        self.method.cancel_prototype_gradients(step)
+        params, hooks = self._units()
+        drop_frozen_grads(self.spec, params, step)
         self.precision.unscale(self.optimizer)
         stepped = self.precision.step(self.optimizer)
         self.optimizer.zero_grad(set_to_none=True)
-        with self.method.prototypes.summon_full_params(recurse=True, volatile=False):
-            self.method.prototypes.module.normalize_()
+        for unit, hook, hooked in hooks:
+            with unit.summon_full_params(recurse=False, volatile=False):
+                for p in hooked:
+                    hook.fn(p.data)
         return stepped
 
     def state_dict(self) -> dict[str, Any]:
@@ -159,16 +197,16 @@ class FairscaleEngine(TorchEngine):
         self.precision.load_state_dict(state["scaler"])
 
 
-def build_fairscale_engine(method: SwAV, cfg: RunConfig, rt: Runtime, lr: float) -> FairscaleEngine:
-    require_cuda(rt.device)  # before any import or wrapping
+def build_fairscale_engine(method: nn.Module, root: nn.Module, spec: ParallelSpec, cfg: RunConfig, rt: Runtime,
+                           lr: float) -> FairscaleEngine:
+    """The engine over `root` (`apply_fairscale`'s result); `method` is the unwrapped method inside."""
+    require_cuda(rt.device)
     from fairscale.optim.grad_scaler import ShardedGradScaler
 
-    from harness.train.precision import Precision
-
-    root = apply_fairscale(method, cfg, rt)
     group: Optional[Any] = dist.group.WORLD if dist.is_initialized() else None
-    optimizer = build_optimizer(root, cfg.optim, lr=lr, norm_process_group=group if cfg.optim.lars.enabled else None)
+    optimizer = build_optimizer(root, cfg.optim, lr=lr, norm_process_group=group if cfg.optim.lars.enabled else None,
+                                groups=spec.param_groups(root, cfg.optim))
     precision = Precision(cfg.parallel.precision, rt.device)
     if cfg.parallel.precision == "fp16":
         precision.scaler = ShardedGradScaler()  # inf checks all-reduced: every rank skips together
-    return FairscaleEngine(method, root, optimizer, precision, cfg, rt, name="fairscale")
+    return FairscaleEngine(method, root, optimizer, precision, cfg, rt, name="fairscale", spec=spec)

@@ -1,10 +1,17 @@
-"""FSDP2 (`fully_shard`) of the SwAV method: ZeRO-2/3-like sharding, optional HSDP.
+"""FSDP2 (`fully_shard`): ZeRO-2/3-like sharding, optional HSDP, started on the meta device.
 
-Units (one all-gather / reduce-scatter each): the stem, every trunk block
-(or every `stage_checkpoints` segment, so a recompute never re-gathers a
-neighbour), the projection head, the prototypes and the root (whatever is
+Units (one all-gather / reduce-scatter each), from the method's
+`ParallelSpec`: every block of its stages (or every `stage_checkpoints`
+segment, so a recompute never re-gathers a neighbour), its other `units`
+(stem, head), each `fp32` module (the prototypes) and the root (whatever is
 left). Parameters become DTensors sharded on dim 0 over the mesh's "shard"
 dimension.
+
+Start (torchtitan's trainer): the method arrives on the meta device, is
+sharded there, and only then does each rank allocate its own shards
+(`to_empty`) and write their initial values, drawn per parameter from
+(seed, name) by `harness.models.init`: the same numbers as a one-process
+build, and no rank ever holds the whole model.
 
 Precision. Compute precision comes from autocast, exactly as for DDP, so
 every backend rounds the same ops; on top of it the low-precision policy
@@ -18,17 +25,15 @@ all-gather traffic and unsharded-parameter memory. Three things stay fp32:
     to fp32 (the policy's default) cost 1.5x DDP's step memory on an H100
     and, on torch 2.11, broke checkpointing: 2.11 skips the cast when a
     block is recomputed in backward, so the recompute's dtypes differed.
-  * Prototypes (Prototypes.KEEP_FP32): Sinkhorn exponentiates scores/0.05;
-    they get their own fp32 unit and compute outside autocast.
+  * The spec's fp32 modules (prototypes: Sinkhorn exponentiates
+    scores/0.05): their own fp32 unit.
   * Gradient reduction and the sharded (master) parameters: fp32.
 In fp32 runs there is no policy at all, and BN stays inside its block's unit.
 
-The sharded DTensors hold whole rows (Shard(0)), so `Prototypes.normalize_`
-works on local data; LARS receives the mesh's shard group as its
-`norm_process_group` (see `norm_group`) to turn local norms into
+The sharded DTensors hold whole rows (Shard(0)), so row-wise step hooks
+(prototype normalisation) run on local data; LARS receives the mesh's shard
+group as its `norm_process_group` (see `norm_group`) to turn local norms into
 full-parameter norms (across shards only: HSDP replicas hold copies).
-Ranks must build identical initial weights (same seed): each keeps its own
-slice of its local copy and nothing is broadcast.
 """
 
 from __future__ import annotations
@@ -43,13 +48,14 @@ from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, Offlo
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from harness.config.schema import RunConfig
-from harness.parallel.checkpointing import apply_activation_checkpointing, segments, trunk_stages
-from harness.parallel.ddp import sync_batchnorm
+from harness.models.init import init_buffers_, init_weights_
+from harness.parallel.checkpointing import segments
+from harness.parallel.precision import DTYPES
+from harness.parallel.spec import ParallelSpec, submodules
 from harness.runtime import Runtime
-from harness.ssl.swav import SwAV
-from harness.train.precision import DTYPES
 
 SHARD = "shard"
+Unit = nn.Module | list[nn.Module]
 
 
 def build_mesh(rt: Runtime, shard_group_size: int) -> DeviceMesh:
@@ -78,12 +84,12 @@ def _offload(cpu_offload: bool, rt: Runtime) -> OffloadPolicy:
     return CPUOffloadPolicy(pin_memory=rt.device.type == "cuda") if cpu_offload else OffloadPolicy()
 
 
-def _trunk_units(trunk: nn.Module, cfg: RunConfig) -> list[nn.Module | list[nn.Module]]:
-    """Stem, then blocks: one unit per checkpoint segment (several blocks) or per block."""
-    units: list[nn.Module | list[nn.Module]] = [trunk.stem]
-    stages = trunk_stages(trunk)
+def block_units(method: nn.Module, spec: ParallelSpec, cfg: RunConfig) -> list[Unit]:
+    """The stages' blocks: one unit per checkpoint segment (several blocks) or per block."""
+    stages = submodules(method, spec.stages)
     grouped = cfg.parallel.activation_checkpointing and cfg.parallel.stage_checkpoints is not None
     plan = segments([len(s) for s in stages], cfg.parallel.stage_checkpoints if grouped else None)
+    units: list[Unit] = []
     for stage, stage_plan in zip(stages, plan):
         blocks = list(stage.children())
         covered = set()
@@ -94,12 +100,16 @@ def _trunk_units(trunk: nn.Module, cfg: RunConfig) -> list[nn.Module | list[nn.M
     return units
 
 
-def apply_fsdp2(method: SwAV, rt: Runtime, cfg: RunConfig) -> nn.Module:
-    """Shard `method` in place (on rt.device); returns the root module to forward through."""
+def unit_modules(method: nn.Module, spec: ParallelSpec, cfg: RunConfig) -> list[Unit]:
+    """Every unit `apply_fsdp2` makes besides the BN units and the root, inner ones first;
+    the planner (harness.profiling.memory_model) reads the same list."""
+    return [*block_units(method, spec, cfg), *submodules(method, spec.units), *submodules(method, spec.fp32)]
+
+
+def apply_fsdp2(method: nn.Module, spec: ParallelSpec, cfg: RunConfig, rt: Runtime) -> nn.Module:
+    """Shard `method` in place; a meta-device method is then materialised shard by shard.
+    Returns the root module to forward through."""
     par = cfg.parallel
-    sync_batchnorm(method, cfg)
-    if par.activation_checkpointing:
-        apply_activation_checkpointing(method.trunk, cfg)  # before fully_shard, as torchtitan does
     mesh = build_mesh(rt, par.shard_group_size)
     low = None if par.precision == "fp32" else DTYPES[par.precision]
     fp32 = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
@@ -107,15 +117,33 @@ def apply_fsdp2(method: SwAV, rt: Runtime, cfg: RunConfig) -> nn.Module:
     policy = MixedPrecisionPolicy(param_dtype=low, reduce_dtype=torch.float32) if low else MixedPrecisionPolicy()
     common = dict(mesh=mesh, reshard_after_forward=par.reshard_after_forward,
                   offload_policy=_offload(par.cpu_offload, rt))
+    on_meta = any(p.device.type == "meta" for p in method.parameters())
 
     if low is not None:  # innermost first: a unit owns the parameters no inner unit took
-        for m in list(method.trunk.modules()) + list(method.head.modules()):
+        for m in method.modules():
             if isinstance(m, _BatchNorm) and m.weight is not None:
                 fully_shard(m, mp_policy=bn_policy, **common)
-    for unit in _trunk_units(method.trunk, cfg):
-        fully_shard(unit, mp_policy=policy, **common)
-    if any(True for _ in method.head.parameters()):
-        fully_shard(method.head, mp_policy=policy, **common)
-    fully_shard(method.prototypes, mp_policy=fp32, **common)
+    keep_fp32 = {id(m) for m in submodules(method, spec.fp32)}
+    for unit in unit_modules(method, spec, cfg):
+        if isinstance(unit, list) or any(True for _ in unit.parameters()):
+            fully_shard(unit, mp_policy=fp32 if id(unit) in keep_fp32 else policy, **common)
     fully_shard(method, mp_policy=policy, **common)
+    if on_meta:
+        materialize_shards_(method, spec, cfg, rt)
     return method
+
+
+@torch.no_grad()
+def materialize_shards_(method: nn.Module, spec: ParallelSpec, cfg: RunConfig, rt: Runtime) -> None:
+    """Allocate this rank's shards (and the buffers, whole) and write their initial values.
+
+    Under CPU offload the shards live on the host, as FSDP2 keeps them there;
+    buffers always go to the compute device (FSDP2 does not move buffers)."""
+    method.to_empty(device="cpu" if cfg.parallel.cpu_offload else rt.device)
+    if cfg.parallel.cpu_offload and rt.device.type != "cpu":
+        for m in method.modules():
+            for name, b in list(m._buffers.items()):
+                if b is not None:
+                    m._buffers[name] = b.to(rt.device)
+    init_weights_(method, spec.init, cfg.train.seed)
+    init_buffers_(method)

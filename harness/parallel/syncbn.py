@@ -359,17 +359,18 @@ def _to_group_syncbn(bn: _BatchNorm, group) -> GroupSyncBatchNorm:
     return new
 
 
-def _convert(bn: _BatchNorm, group) -> nn.Module:
-    device = _device_of(bn)
-    if device is not None and device.type == "cuda":
+def _convert(bn: _BatchNorm, group, device: Optional[torch.device] = None) -> nn.Module:
+    device = device if device is not None else _device_of(bn)
+    if device is not None and torch.device(device).type == "cuda":
         return guard_running_stats(nn.SyncBatchNorm.convert_sync_batchnorm(bn, group))
     return _to_group_syncbn(bn, group)
 
 
-def convert_syncbn(module: nn.Module, group_size: int) -> nn.Module:
+def convert_syncbn(module: nn.Module, group_size: int, device: Optional[torch.device] = None) -> nn.Module:
     """Replace every non-synced BatchNorm*d in `module` (in place) by a synced one.
 
-    CUDA BNs become torch's SyncBatchNorm, others GroupSyncBatchNorm; weights,
+    CUDA BNs become torch's SyncBatchNorm, others GroupSyncBatchNorm; `device`
+    says where the model will run when it is still on the meta device. Weights,
     buffers and hyper-parameters carry over and state-dict keys are unchanged.
     Returns the (possibly new, if the root is a BN) module. Without an
     initialised process group, or with one rank, there is nothing to sync and
@@ -379,11 +380,11 @@ def convert_syncbn(module: nn.Module, group_size: int) -> nn.Module:
         return module
     group = syncbn_groups(group_size)
     if isinstance(module, _BatchNorm) and not isinstance(module, _SYNCED):
-        return _convert(module, group)
+        return _convert(module, group, device)
     for parent in list(module.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, _BatchNorm) and not isinstance(child, _SYNCED):
-                setattr(parent, name, _convert(child, group))
+                setattr(parent, name, _convert(child, group, device))
     return module
 
 

@@ -15,16 +15,17 @@ not by backend name, so the loop and this class stay backend-agnostic.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 import torch
 from torch import nn
 
 from harness.config.schema import RunConfig
 from harness.parallel.engine import Engine
+from harness.parallel.precision import Precision
+from harness.parallel.spec import ParallelSpec, drop_frozen_grads, run_after_step
 from harness.runtime import Runtime
 from harness.ssl.swav import SwAV
-from harness.train.precision import Precision
 
 
 def _is_sharded(module: nn.Module) -> bool:
@@ -33,14 +34,16 @@ def _is_sharded(module: nn.Module) -> bool:
 
 class TorchEngine(Engine):
     def __init__(self, method: SwAV, module: nn.Module, optimizer: torch.optim.Optimizer,
-                 precision: Precision, cfg: RunConfig, rt: Runtime, name: str = "none") -> None:
-        super().__init__(method, cfg, rt)
+                 precision: Precision, cfg: RunConfig, rt: Runtime, name: str = "none",
+                 spec: Optional[ParallelSpec] = None) -> None:
+        super().__init__(method, cfg, rt, spec)
         self.name = name
         self._module = module
         self.optimizer = optimizer
         self.precision = precision
         self._micro = 0  # micro-batches seen in the current step
         self._sharded = _is_sharded(method)
+        self._params = dict(method.named_parameters())  # the spec names parameters
 
     @property
     def module(self) -> nn.Module:
@@ -73,12 +76,26 @@ class TorchEngine(Engine):
 
     def optimizer_step(self, step: int) -> bool:
         self._micro = 0
-        self.method.cancel_prototype_gradients(step)
+        drop_frozen_grads(self.spec, self._params, step)
         self.precision.unscale(self.optimizer)
         stepped = self.precision.step(self.optimizer)
         self.optimizer.zero_grad(set_to_none=True)
-        self.method.normalize_prototypes()
+        run_after_step(self.spec, self._params)
         return stepped
+
+    def grads_finite(self) -> Optional[torch.Tensor]:
+        """One fused norm over all local gradients (no host sync); fp16 leaves it to the loss scaler."""
+        if self.precision.scaler.is_enabled():
+            return None
+        grads = [p.grad for p in self._module.parameters() if p.grad is not None]
+        grads = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
+        if not grads:
+            return None
+        return torch.stack(torch._foreach_norm(grads)).sum().isfinite()
+
+    def skip_step(self) -> None:
+        self._micro = 0
+        self.optimizer.zero_grad(set_to_none=True)
 
     def set_lr(self, lr: float) -> None:
         from harness.optim import set_lr

@@ -5,9 +5,17 @@ scaler; the harness keeps the optimizer, because SEER's LARS needs
 per-parameter trust ratios that no DeepSpeed optimizer computes on ZeRO
 partitions (see `harness.optim.segmented_lars`). This module builds the
 DeepSpeed config, reads ZeRO's partition layout for the optimizer, and
-keeps SwAV's prototype rules (frozen at first, unit rows after every step)
-on the fp32 master weights, which are the truth under ZeRO: normalising
-only the module's copy would be undone by the next step.
+applies the method's step rules (`ParallelSpec`: SwAV's prototypes frozen at
+first, unit rows after every step) on the fp32 master weights, which are the
+truth under ZeRO: normalising only the module's copy would be undone by the
+next step.
+
+Start: ZeRO-3 models are built under ``deepspeed.zero.Init`` (`zero3_init`),
+so each module's parameters are partitioned as soon as it exists, and each
+rank writes its partition's initial values (`harness.models.init`) before
+``deepspeed.initialize`` copies them into the fp32 masters; stages 1/2 keep a
+full module per rank and start from a full replica. SyncBN and activation
+checkpointing come from `harness.parallel.parallelize`, as for every backend.
 
 Precision: fp32; bf16 through DeepSpeed's ``torch_autocast`` (its ``bf16``
 mode casts BatchNorm to bf16 and breaks it); fp16 through ``torch_autocast``
@@ -18,10 +26,10 @@ is accepted where the accelerator has it (CUDA; DeepSpeed's CPU accelerator
 refuses fp16): it casts the module, BN and prototype copies included, to half
 and keeps fp32 masters; prototype scores and Sinkhorn still run in fp32.
 
-Checkpoints: `state_dict` gathers a full fp32 model (collective: every rank
-must call it) plus this rank's ZeRO optimizer partition; `load_state_dict`
-restores the model (any world size or stage) but not the momentum, which
-restarts with a warning, until sharded (DCP) checkpoints arrive.
+Checkpoints are harness.checkpoint's: it reads and writes the fp32 masters and
+the LARS momentum as this rank's pieces (`MasterWeights.pieces`, `flat_of`),
+never gathered. `state_dict`/`load_state_dict` here are the gathered full
+model, for tests and tools that want one tensor per parameter.
 """
 
 from __future__ import annotations
@@ -40,10 +48,10 @@ from harness.optim.build import param_groups
 from harness.optim.segmented_lars import FlatLayout, SegmentedLARS, layout_from_ranges
 from harness.parallel.ds_json import deepspeed_json_fields, enabled, fill_auto, read_deepspeed_json
 from harness.parallel.engine import Engine
+from harness.parallel.precision import check_precision_supported
+from harness.parallel.spec import ParallelSpec
 from harness.parallel.support import check_deepspeed_json, device_kind
 from harness.runtime import Runtime
-from harness.ssl.swav import SwAV
-from harness.train.precision import check_precision_supported
 
 # ----------------------------------------------------------------- config
 
@@ -143,6 +151,26 @@ def import_deepspeed(device: torch.device) -> Any:
     return deepspeed
 
 
+def zero_config(cfg: RunConfig, rt: Runtime, params: Optional[int] = None) -> dict[str, Any]:
+    """The checks of a DeepSpeed run (one line each, before anything is built), then its config."""
+    check_deepspeed_json(cfg, device_kind(rt.device))  # also for callers that skip the CLI's checks
+    check_precision_supported(cfg.parallel.precision, rt.device)
+    return deepspeed_config(cfg, rt.world_size, params)
+
+
+def zero3_init(ds_config: dict[str, Any], rt: Runtime, dtype: torch.dtype = torch.float32) -> Any:
+    """``deepspeed.zero.Init``: modules built inside it are partitioned as each is constructed
+    (the largest transient is one module's own parameters), in the module's weight dtype
+    (half under DeepSpeed's fp16 mode, as deepspeed.initialize would cast it)."""
+    ds = import_deepspeed(rt.device)
+    os.environ.setdefault("LOCAL_RANK", str(rt.local_rank))  # zero.Init and initialize read it
+    # DeepSpeed's view of the torch process group, as deepspeed.initialize makes it: without it
+    # zero.Init reads the config's batch sizes against a world size of 1
+    ds.comm.init_distributed(dist_init_required=False, auto_mpi_discovery=False, verbose=False)
+    weight = torch.float16 if enabled(ds_config.get("fp16")) else dtype
+    return ds.zero.Init(config_dict_or_path=ds_config, dtype=weight)
+
+
 # ----------------------------------------------------------------- layouts
 
 # One run of a flat fp32 partition: (param index, start in the flat, start in the flattened param, length).
@@ -227,8 +255,10 @@ class MasterWeights:
     def __init__(self, flats: list[FlatPieces], device: torch.device) -> None:
         self.device = device
         self.pieces: dict[int, list[tuple[torch.Tensor, int, int, int]]] = {}
+        self.flat_of: dict[int, torch.Tensor] = {}  # the flat partition (optimizer "parameter") of each param's group
         self.groups = {id(f.group): f.group for f in flats}
         for f in flats:
+            self.flat_of.update((id(p), f.flat) for p in f.params)
             for k, at, start, n in f.pieces:
                 if n > 0:
                     self.pieces.setdefault(id(f.params[k]), []).append((f.flat, at, start, n))
@@ -295,9 +325,10 @@ class RankSyncedGradScaler(torch.amp.GradScaler):
 
 # ----------------------------------------------------------------- engine
 
-def build_segmented_optimizer(method: nn.Module, cfg: RunConfig, lr: float) -> SegmentedLARS:
-    """The same groups as `harness.optim.build_optimizer`; with LARS off every group is plain SGD."""
-    groups = param_groups(method, cfg.optim)
+def build_segmented_optimizer(method: nn.Module, cfg: RunConfig, lr: float,
+                              spec: Optional[ParallelSpec] = None) -> SegmentedLARS:
+    """The spec's parameter groups (as the other backends' optimizers); with LARS off every group is plain SGD."""
+    groups = (spec.param_groups if spec is not None else param_groups)(method, cfg.optim)
     if not cfg.optim.lars.enabled:
         for g in groups:
             g["lars_adapt"] = False
@@ -308,29 +339,24 @@ def build_segmented_optimizer(method: nn.Module, cfg: RunConfig, lr: float) -> S
 
 
 class ZeroEngine(Engine):
-    """SwAV under a DeepSpeed engine with ZeRO stage 1, 2 or 3."""
+    """A method under a DeepSpeed engine with ZeRO stage 1, 2 or 3.
+
+    `method` comes from `harness.parallel.parallelize` (started, SyncBN and
+    checkpointing applied); this wraps it with ``deepspeed.initialize``."""
 
     name = "deepspeed"
 
-    def __init__(self, method: SwAV, cfg: RunConfig, rt: Runtime, lr: float) -> None:
-        super().__init__(method, cfg, rt)
-        check_deepspeed_json(cfg, device_kind(rt.device))  # also for callers that skip the CLI's checks
-        check_precision_supported(cfg.parallel.precision, rt.device)
-        self.ds_config = deepspeed_config(cfg, rt.world_size, sum(p.numel() for p in method.parameters()))
+    def __init__(self, method: nn.Module, cfg: RunConfig, rt: Runtime, lr: float,
+                 spec: Optional[ParallelSpec] = None, ds_config: Optional[dict[str, Any]] = None) -> None:
+        super().__init__(method, cfg, rt, spec)
+        params = sum(int(getattr(p, "ds_numel", p.numel())) for p in method.parameters())
+        self.ds_config = zero_config(cfg, rt, params) if ds_config is None else ds_config
         self.stage = int(self.ds_config["zero_optimization"]["stage"])
-        if rt.world_size > 1:
-            from harness.parallel.syncbn import convert_syncbn
-
-            method.trunk = convert_syncbn(method.trunk, cfg.parallel.syncbn_group_size)
-        if cfg.parallel.activation_checkpointing:  # as DDP: SyncBN, then checkpointing, then the wrapper
-            from harness.parallel.checkpointing import apply_activation_checkpointing
-
-            apply_activation_checkpointing(method.trunk, cfg)
         ds = import_deepspeed(rt.device)
         self._ds = ds
         # deepspeed.initialize asserts LOCAL_RANK, which only launchers export: one process has rank 0
         os.environ.setdefault("LOCAL_RANK", str(rt.local_rank))
-        self.optimizer = build_segmented_optimizer(method, cfg, lr)
+        self.optimizer = build_segmented_optimizer(method, cfg, lr, self.spec)
         self.engine, _, _, _ = ds.initialize(model=method, optimizer=self.optimizer, config=self.ds_config,
                                              dist_init_required=False)
         self.zero_optimizer = self.engine.optimizer
@@ -348,7 +374,7 @@ class ZeroEngine(Engine):
             group = next(iter(layouts.values())).group
             self.scaler = RankSyncedGradScaler(rt.device.type, group)
             self.zero_optimizer.torch_autocast_gradscaler = self.scaler
-        self._prototypes = [p for p in method.prototypes.parameters() if p.requires_grad]
+        self._params = dict(method.named_parameters())
         self._micro = 0
 
     @property
@@ -366,8 +392,7 @@ class ZeroEngine(Engine):
         return float(loss.detach()), metrics
 
     def optimizer_step(self, step: int) -> bool:
-        frozen = step < self.cfg.swav.freeze_prototypes_iters
-        self.optimizer.frozen = {id(p) for p in self._prototypes} if frozen else set()
+        self.optimizer.frozen = {id(self._params[n]) for n in self.spec.frozen_at(step)}
         if self.scaler is not None:
             self.scaler.skipped = False
         self.engine.step()
@@ -378,23 +403,25 @@ class ZeroEngine(Engine):
             # so scaled gradients overflow there, and the scaler would never back off by itself.
             self.scaler.update(self.scaler.get_scale() * self.scaler.get_backoff_factor())
         if stepped:
-            self.normalize_prototypes()
+            self.run_after_step()
         return stepped
 
     @torch.no_grad()
-    def normalize_prototypes(self) -> None:
-        """Unit rows on the fp32 masters AND the module's copies (collective).
+    def run_after_step(self) -> None:
+        """The spec's step hooks on the fp32 masters AND the module's copies (collective).
 
-        Rows of a prototype matrix may be split between ranks (flat partitions
-        cut anywhere), so the full fp32 weights are gathered, normalised exactly
-        as `Prototypes.normalize_` does, and each rank writes its own master
-        pieces back and refreshes the low-precision copy.
-        """
-        for p, full in zip(self._prototypes, self.masters.full(self._prototypes)):
-            rows = full.view(self._shape(p)[0], -1) if len(self._shape(p)) > 1 else full.view(1, -1)
-            rows.div_(rows.norm(dim=1, keepdim=True).clamp_min(torch.finfo(rows.dtype).tiny))
-            self.masters.set_full(p, full)
-            self._set_module_copy(p, full.view(self._shape(p)))
+        Flat partitions cut a parameter anywhere (rows of a prototype matrix
+        may be split between ranks), so each hooked parameter's full fp32
+        master is gathered, the hook runs on it in the parameter's shape, and
+        each rank writes its own master pieces back and refreshes the
+        (possibly low-precision) module copy."""
+        for hook in self.spec.after_step:
+            params = [self._params[n] for n in hook.params]
+            for p, full in zip(params, self.masters.full(params)):
+                value = full.view(self._shape(p))
+                hook.fn(value)
+                self.masters.set_full(p, full)
+                self._set_module_copy(p, value)
 
     def _shape(self, p: nn.Parameter) -> torch.Size:
         return p.ds_shape if self.stage == 3 else p.shape
@@ -408,6 +435,15 @@ class ZeroEngine(Engine):
                     p.data.copy_(value.to(p.dtype))
         else:
             p.data.copy_(value.to(p.dtype))
+
+    def skip_step(self) -> None:
+        """DeepSpeed's step with our optimizer told to leave everything as it is: DeepSpeed still
+        does its bookkeeping (zeroes the partitions' gradients, counts the step)."""
+        self.optimizer.skip_next = True
+        try:
+            self.engine.step()
+        finally:
+            self.optimizer.skip_next = False
 
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
@@ -455,13 +491,6 @@ class ZeroEngine(Engine):
             for name, buf in self.method.named_buffers():
                 if buf is not None and name in model:
                     buf.copy_(model[name])
-        # Optimizer state (momentum) is not restored: DeepSpeed's ZeRO state dicts are per rank and
-        # per layout; resuming it exactly waits for the sharded (DCP) checkpoints.
-        import warnings
-
-        warnings.warn("deepspeed backend: model weights restored, LARS momentum restarts from zero")
+        # Weights only: exact resume (momentum included) goes through harness.checkpoint.
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
-
-def build_zero_engine(method: SwAV, cfg: RunConfig, rt: Runtime, lr: float) -> ZeroEngine:
-    return ZeroEngine(method, cfg, rt, lr)

@@ -43,6 +43,9 @@ class Shapes:
     tensors: tuple[tuple[int, int], ...]
     units: tuple[tuple[int, ...], ...]  # indices into tensors, one tuple per fully_shard unit
     param_modules: int = 0  # modules holding parameters directly (ZeRO-3 fetches per module)
+    buffer_bytes: int = 0  # buffers every rank holds alike (BatchNorm running stats and counters)
+    buffer_count: int = 0
+    rank_buffer_bytes: int = 0  # buffers that differ by rank by design (the SwAV queue)
 
     @property
     def params(self) -> int:
@@ -75,7 +78,7 @@ def shapes(cfg: RunConfig) -> Shapes:
 
 
 def _build_shapes(cfg: RunConfig) -> Shapes:
-    from harness.parallel.fsdp2 import _trunk_units
+    from harness.parallel.fsdp2 import unit_modules
 
     method = _method_on_meta(cfg)
     params = list(method.parameters())
@@ -83,13 +86,13 @@ def _build_shapes(cfg: RunConfig) -> Shapes:
     tensors = tuple((p.numel(), p.shape[0] if p.dim() else 1) for p in params)
     taken: set[int] = set()
     units: list[tuple[int, ...]] = []
-    modules: list[Any] = [*_trunk_units(method.trunk, cfg), method.head, method.prototypes]
-    if cfg.parallel.backend == "fairscale":  # wrapped by parameter count, inner modules first
+    spec = method.parallel_spec()
+    modules: list[Any] = unit_modules(method, spec, cfg)
+    if cfg.parallel.backend == "fairscale":  # wrapped as built, inner modules first (VISSL's units)
         from harness.parallel.fairscale_fsdp import unit_plan
 
         named = dict(method.named_modules())
-        modules = [named[name] for name in unit_plan(method, cfg.parallel.wrap_min_params)]
-        modules.append(method.prototypes)
+        modules = [named[name] for name in [*unit_plan(method, spec, cfg), *spec.fp32]]
     for unit in modules:
         mods = unit if isinstance(unit, list) else [unit]
         ids = tuple(index[id(p)] for m in mods for p in m.parameters() if index[id(p)] not in taken)
@@ -100,7 +103,12 @@ def _build_shapes(cfg: RunConfig) -> Shapes:
     if rest:
         units.append(rest)
     owners = sum(1 for m in method.modules() if any(True for _ in m.parameters(recurse=False)))
-    return Shapes(tensors, tuple(units), owners)
+    # per-rank buffers are the ones the method keeps out of DDP's broadcast (SwAV's queue)
+    per_rank = set(getattr(method, "_ddp_params_and_buffers_to_ignore", ()))
+    buffers = [(name, b.numel() * b.element_size()) for name, b in method.named_buffers() if b is not None]
+    shared = [size for name, size in buffers if name not in per_rank]
+    return Shapes(tensors, tuple(units), owners, buffer_bytes=sum(shared), buffer_count=len(shared),
+                  rank_buffer_bytes=sum(size for name, size in buffers if name in per_rank))
 
 
 def _fsdp_local(numel: int, dim0: int, shards: int) -> int:
@@ -245,6 +253,58 @@ def zero3_gathered(cfg: RunConfig, strategy: Strategy, world: int) -> int:
     return min(prefetch, shapes(apply_strategy(cfg, strategy)).params) * _zero_weight_bytes(ds)
 
 
+DDP_BROADCAST_BUCKET = 250 * 1024**2  # torch DDP's broadcast_bucket_size (nn/parallel/distributed.py)
+
+
+def startup_peak(cfg: RunConfig, strategy: Strategy, world: int) -> int:
+    """Per-rank device bytes at the high point of start-up, before the first step, with the
+    model started on the meta device and materialised by the backend:
+
+    * ddp: the whole fp32 model on every device, then DDP's construction: its gradient buckets
+      (allocated there, `gradient_as_bucket_view`) and one coalesced broadcast bucket syncing
+      rank 0's weights (250 MiB, torch's `broadcast_bucket_size`);
+    * fsdp2: each rank materialises its own shard only (each full parameter is initialised on
+      the host, one at a time): its shard of the parameters;
+    * fairscale: units wrapped as they are built: the shards of the units already wrapped plus
+      the unit being wrapped, twice (its parameters and fairscale's `FlatParameter`, a
+      `torch.cat` of them, until the parameters become views), in fp32;
+    * ZeRO-1/2: the whole module on every device in fp32, then the module in its weight dtype
+      beside the fp32 master partition and the gradient partition that
+      `initialize_optimizer_states` allocates (deepspeed 0.19.8 stage_1_and_2). Its flat copy of
+      the weights is made on the device only when free memory allows, else on the host, so it
+      never decides whether a run fits and is left out;
+    * ZeRO-3: shards (plus its persistent small parameters and reduce buckets), the fp32 master
+      partition and `initialize_optimizer_states`' gradient buffer (stage3.py).
+
+    LARS allocates its momentum in the first step: it belongs to the step's peak. Buffers
+    (BatchNorm statistics, the SwAV queue: MiBs) are left out, as in the step's model."""
+    run = apply_strategy(cfg, strategy)
+    s = shapes(run)
+    mem = model_states(cfg, strategy, world)
+    backend = strategy.backend
+    if backend in ("none", "ddp"):
+        whole = s.params * FP32
+        if backend == "none" or world == 1:
+            return whole
+        return whole + mem.grads + min(DDP_BROADCAST_BUCKET, whole)
+    if backend == "fsdp2":
+        return mem.params
+    if backend == "fairscale":
+        done, peak = 0, 0
+        for unit in s.units:  # build order: inner units first, the root last
+            numel = sum(s.tensors[i][0] for i in unit)
+            peak = max(peak, done + 2 * numel * FP32)
+            done += math.ceil(numel / world) * FP32
+        return peak
+    if backend == "deepspeed":
+        part = math.ceil(s.params / world) * FP32
+        optimizer_init = 0 if strategy.cpu_offload else 2 * part  # fp32 master + gradient partition
+        if strategy.zero_stage == 3:
+            return mem.params + mem.comm_buffers + optimizer_init
+        return max(s.params * FP32, mem.params + optimizer_init)
+    raise ValueError(f"no start-up model for backend {backend!r}")
+
+
 @dataclass(frozen=True)
 class StepActivations:
     """Peak bytes above the model states during forward+backward of one micro-batch,
@@ -271,7 +331,7 @@ def step_activations(cfg: RunConfig, strategy: Strategy) -> StepActivations:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from harness.profiling.memory import LiveBytes
-    from harness.train.precision import Precision
+    from harness.parallel.precision import Precision
 
     device = torch.device("cuda" if strategy.precision == "fp16" and torch.cuda.is_available() else "cpu")
     method = _method_on_meta(run)
@@ -279,8 +339,9 @@ def step_activations(cfg: RunConfig, strategy: Strategy) -> StepActivations:
         method = method.to_empty(device="cpu")
         if run.parallel.activation_checkpointing:
             from harness.parallel.checkpointing import apply_activation_checkpointing
+            from harness.parallel.spec import submodules
 
-            apply_activation_checkpointing(method.trunk, run)
+            apply_activation_checkpointing(submodules(method, method.parallel_spec().stages), run)
         method.train()
         crops = [torch.empty(strategy.micro_batch, 3, c.size, c.size)
                  for c in run.data.crops for _ in range(c.count)]

@@ -7,19 +7,26 @@ a SEER user would consider (backend, activation checkpointing, micro-batch
 with accumulation to keep the global batch, SyncBN group: the config's, a
 node, all ranks) and ranks those
 that fit by predicted throughput. Nothing here touches a GPU or allocates
-model memory, so a 10B model is planned on a laptop.
+model memory, so a 10B model is planned on a laptop. A point's peak is the
+higher of its step's and its start-up's (`memory_model.startup_peak`);
+`checkpoint_plan` sizes its checkpoint and, with `goodput`, says how often
+to write it.
 """
 
 from __future__ import annotations
 
 import itertools
-from dataclasses import replace
-from typing import Iterable, Optional
+import math
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Iterable, Optional
 
 from harness.config.schema import RunConfig
 from harness.parallel.support import precision_refusal, refusal
 from harness.profiling.devices import DeviceProfile, device_type, get_device, supports
-from harness.profiling.memory_model import model_states, shapes, step_activations, transient, zero3_gathered
+from harness.profiling.goodput import HOUR, Assumptions, Goodput, transfer_seconds
+from harness.profiling.goodput import plan as plan_goodput
+from harness.profiling.memory_model import (Shapes, model_states, shapes, startup_peak, step_activations, transient,
+                                           zero3_gathered)
 from harness.profiling.records import MemoryBreakdown, Point, Strategy, apply_strategy
 from harness.profiling.timing import predict_time
 
@@ -75,7 +82,8 @@ def predict_memory(cfg: RunConfig, strategy: Strategy, world: int) -> MemoryBrea
     exist at its peak). SwAV runs the trunk once per crop resolution, so a
     parameter's gradient is complete only when backward reaches its first
     use: near the end of backward nearly all full-size gradients are alive
-    at once, whatever the sharding.
+    at once, whatever the sharding. Start-up (`memory_model.startup_peak`)
+    is a third candidate, kept apart in `startup`.
     """
     mem = model_states(cfg, strategy, world)
     acts = step_activations(cfg, strategy)
@@ -100,8 +108,124 @@ def predict_memory(cfg: RunConfig, strategy: Strategy, world: int) -> MemoryBrea
     mem.activations = acts.activations
     mem.temporaries = max(backward_peak - acts.activations - grads_then, optimizer_peak - mem.grads,
                           backward_start - acts.activations - mem.grads)
-    mem.peak = persistent + max(backward_peak, optimizer_peak, backward_start)
+    mem.startup = startup_peak(cfg, strategy, world)
+    # a run that cannot start does not train: the peak is the higher of start-up and step
+    mem.peak = max(persistent + max(backward_peak, optimizer_peak, backward_start), mem.startup)
     return mem
+
+
+#: DCP (torch.distributed.checkpoint, FileSystemWriter) writes each piece of a tensor with
+#: `torch.save` into the rank's .distcp file, ~1.6 KB of zip and pickle around the data, and
+#: lists it in the coordinator's .metadata, ~0.25 KB: measured on torch 2.14.1 saving a tiny
+#: SwAV's 510 tensors (tests/profiling/test_planner.py checks the sizes against a real save).
+DCP_ITEM_BYTES, DCP_METADATA_BYTES = 1566, 245
+#: Each rank's own small file besides its buffers: CPU/CUDA RNG states, numpy's and Python's
+#: Mersenne twisters, data position, loss scaler (~15 KB through torch.save), rounded up.
+RANK_STATE_BYTES = 16 * 1024
+MANIFEST_BYTES = 4 * 1024  # the harness's JSON manifest (rank 0)
+
+
+@dataclass(frozen=True)
+class CheckpointSize:
+    """Bytes of one checkpoint as the harness writes it (DCP folder): every parameter in fp32,
+    its LARS momentum in fp32 (SGD momentum; none when optim.momentum is 0), the buffers every
+    rank shares (BatchNorm statistics) once, DCP's per-piece overhead, and per rank a small file
+    of its own state (its buffers, e.g. the SwAV queue, and RNG states). Every rank writes its
+    share at once: sharded tensors by their shards, replicated ones (DDP) spread over ranks by
+    DCP's deduplication, so each writes about the total over the world size."""
+
+    params: int
+    momentum: int
+    buffers: int
+    items: int  # tensor pieces DCP writes (a tensor split over k ranks is k pieces)
+    rank_files: int  # bytes of each rank's own file
+    world: int
+
+    @property
+    def shared(self) -> int:
+        """Tensor data and DCP's framing of it, spread over the ranks."""
+        return self.params + self.momentum + self.buffers + self.items * DCP_ITEM_BYTES
+
+    @property
+    def metadata(self) -> int:
+        """What the coordinator (rank 0) writes on top of its share."""
+        return self.items * DCP_METADATA_BYTES + MANIFEST_BYTES
+
+    @property
+    def total(self) -> int:
+        return self.shared + self.metadata + self.world * self.rank_files
+
+    @property
+    def per_rank(self) -> int:
+        """An average rank's share (rank 0 adds `metadata`)."""
+        return math.ceil(self.shared / self.world) + self.rank_files
+
+    def to_dict(self) -> dict[str, int]:
+        return {**asdict(self), "total": self.total, "per_rank": self.per_rank, "metadata": self.metadata}
+
+
+def _pieces(s: Shapes, strategy: Strategy, world: int) -> int:
+    """How many ranks' pieces the parameters are written in, summed over parameters: whole
+    tensors under DDP (one copy kept), rows under FSDP2 (`_fsdp_local`'s split), equal element
+    ranges of each parameter under ZeRO-3, slices of one flat buffer under ZeRO-1/2 (of each
+    unit's under fairscale), where a parameter lies in every partition it overlaps."""
+    backend = strategy.backend
+    if backend in ("none", "ddp"):
+        return len(s.tensors)
+    if backend == "fsdp2":
+        shards = strategy.shard_group_size or world
+        return sum(math.ceil(d / math.ceil(d / shards)) for _, d in s.tensors)
+    if backend == "deepspeed" and strategy.zero_stage == 3:
+        return sum(math.ceil(n / math.ceil(n / world)) for n, _ in s.tensors)
+    groups = s.units if backend == "fairscale" else (tuple(range(len(s.tensors))),)
+    pieces = 0
+    for group in groups:
+        part = math.ceil(sum(s.tensors[i][0] for i in group) / world)
+        start = 0
+        for i in group:
+            n = s.tensors[i][0]
+            pieces += (start + n - 1) // part - start // part + 1
+            start += n
+    return pieces
+
+
+def checkpoint_size(cfg: RunConfig, strategy: Strategy, world: int) -> CheckpointSize:
+    """Sizes from the parameter and buffer shapes the memory model counts (`shapes`)."""
+    s = shapes(apply_strategy(cfg, strategy))
+    momentum = cfg.optim.momentum != 0
+    pieces = _pieces(s, strategy, world)
+    return CheckpointSize(params=s.params * FP32, momentum=s.params * FP32 if momentum else 0,
+                          buffers=s.buffer_bytes, items=pieces * (2 if momentum else 1) + s.buffer_count,
+                          rank_files=s.rank_buffer_bytes + RANK_STATE_BYTES, world=world)
+
+
+@dataclass(frozen=True)
+class CheckpointPlan:
+    """A point's checkpoint: its size, how long saving and loading it take, and the interval
+    that maximises goodput with them (`goodput.plan`)."""
+
+    size: CheckpointSize
+    nodes: int
+    save_s: float
+    load_s: float
+    goodput: Goodput
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"size": self.size.to_dict(), "nodes": self.nodes, "save_s": self.save_s, "load_s": self.load_s,
+                "goodput": self.goodput.to_dict()}
+
+
+def checkpoint_plan(cfg: RunConfig, point: Point, gpus_per_node: int,
+                    assume: Assumptions = Assumptions()) -> CheckpointPlan:
+    """Save and load at the filesystem's rate (reads at the write rate: no separate figure), the
+    restart as `assume.restart_minutes` plus the load, and the interval in the point's steps."""
+    size = checkpoint_size(cfg, point.strategy, point.world_size)
+    nodes = math.ceil(point.world_size / max(1, gpus_per_node))
+    save = transfer_seconds(size.total, nodes, assume.storage_gbps, assume.node_gbps)
+    load = save
+    mtbf = assume.job_mtbf_hours(point.world_size) * HOUR
+    restart = assume.restart_minutes * 60 + load
+    return CheckpointPlan(size, nodes, save, load, plan_goodput(save, restart, mtbf, point.time.step or None))
 
 
 def predict(cfg: RunConfig, strategy: Strategy, device: DeviceProfile, world: int) -> Point:

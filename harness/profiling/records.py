@@ -142,6 +142,7 @@ class MemoryBreakdown:
     comm_buffers: int = 0
     peak: int = 0
     reserved: Optional[int] = None  # CUDA caching allocator, measured runs only
+    startup: int = 0  # predicted peak of start-up (model build, wrapping), before the first step; `peak` >= it
 
     @property
     def states(self) -> int:

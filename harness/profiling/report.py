@@ -16,9 +16,13 @@ import re
 from collections import defaultdict
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Iterable, Optional
+from typing import TYPE_CHECKING, Callable, Iterable, Optional
 
 from harness.profiling.records import CATEGORIES, GIB, Point, Strategy
+
+if TYPE_CHECKING:
+    from harness.profiling.goodput import Assumptions
+    from harness.profiling.planner import CheckpointPlan
 
 POINTS_FORMAT = "harness.points"
 FIT, NO_FIT = "\u2713", "\u2717"
@@ -27,9 +31,9 @@ _STRATEGY_COLUMNS = ("backend", "zero_stage", "reshard_after_forward", "shard_gr
                      "activation_checkpointing", "precision", "micro_batch", "grad_accum", "syncbn_group_size")
 CSV_COLUMNS = (
     "model", "label", *_STRATEGY_COLUMNS, "device", "world_size", "global_batch", "source", "fits",
-    "device_memory_gib", "peak_gib", *(f"{c}_gib" for c in CATEGORIES), "reserved_gib", "headroom_gib",
-    "step_s", "forward_s", "backward_s", "optimizer_s", "communication_s", "images_per_second", "mfu", "days_1b",
-    "notes",
+    "device_memory_gib", "peak_gib", "startup_gib", *(f"{c}_gib" for c in CATEGORIES), "reserved_gib",
+    "headroom_gib", "step_s", "forward_s", "backward_s", "optimizer_s", "communication_s", "images_per_second", "mfu",
+    "days_1b", "notes",
 )
 
 
@@ -65,7 +69,8 @@ def _row(p: Point) -> dict:
     row = {k: getattr(s, k) for k in _STRATEGY_COLUMNS}
     row.update(model=p.model, label=s.label, device=p.device, world_size=p.world_size,
                global_batch=p.global_batch, source=p.source, fits=p.fits, device_memory_gib=p.device_memory / GIB,
-               peak_gib=m.peak / GIB, reserved_gib=None if m.reserved is None else m.reserved / GIB,
+               peak_gib=m.peak / GIB, startup_gib=m.startup / GIB,
+               reserved_gib=None if m.reserved is None else m.reserved / GIB,
                headroom_gib=p.headroom / GIB, step_s=t.step, forward_s=t.forward, backward_s=t.backward,
                optimizer_s=t.optimizer, communication_s=t.communication, images_per_second=t.images_per_second,
                mfu=t.mfu, days_1b=p.days_for(1e9), notes="; ".join(p.notes))
@@ -519,3 +524,63 @@ def write_report(points: list[Point], out_dir, title: str = "harness scaling rep
             "memory.png": plot_memory(points, out / "memory.png"),
             "throughput.png": plot_throughput(points, out / "throughput.png"),
             "fit_map.png": plot_fit_map(points, out / "fit_map.png")}
+
+
+# ------------------------------------------------------------------ `harness plan`: start-up, checkpoint, goodput
+
+
+def _bytes(n: float) -> str:
+    """Binary units, as the tables' GiB: 10.67 GiB, 21.3 MiB, 16 KiB."""
+    for unit, size in (("GiB", GIB), ("MiB", 2**20)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}" if unit == "GiB" else f"{n / size:.1f} {unit}"
+    return f"{n / 1024:.0f} KiB"
+
+
+def _seconds(s: float) -> str:
+    return f"{s * 1000:.0f} ms" if s < 1 else f"{s:.1f} s" if s < 120 else f"{s / 60:.1f} min"
+
+
+def _hours(h: float) -> str:
+    return f"{h:,.0f} h" if h >= 100 else f"{h:.2g} h" if h < 10 else f"{h:.1f} h"
+
+
+def run_lines(point: Point, plan: CheckpointPlan, assume: Assumptions) -> list[str]:
+    """What the chosen setup costs beyond its steps: its start-up peak, one checkpoint (size,
+    save, load, at which bandwidth and why), and the interval that maximises goodput with the
+    time expected lost, every default named with its source."""
+    from harness.profiling.goodput import GPU_MTBF_HOURS, NODE_GBPS, RESTART_MINUTES, STORAGE_GBPS
+
+    m, size, g = point.memory, plan.size, plan.goodput
+    step_peak = "the step's" if m.peak > m.startup else "start-up's"
+    lines = [f"start-up: {m.startup / GIB:.2f} GiB per GPU at its peak (meta-device start, backend wrapping, "
+             f"optimizer set-up); the peak above is {step_peak}"]
+    default = "default: a round assumption"
+    storage = f"--storage-gbps {assume.storage_gbps:g}"
+    storage += f" ({default})" if assume.storage_gbps == STORAGE_GBPS else ""
+    rate = min(assume.storage_gbps, plan.nodes * assume.node_gbps) if assume.node_gbps > 0 else assume.storage_gbps
+    why = storage
+    if assume.node_gbps > 0:
+        node = f"{plan.nodes} node{'s' if plan.nodes > 1 else ''} x --storage-node-gbps {assume.node_gbps:.3g}" + (
+            " (default: Llama 3's Tectonic, 2 TB/s sustained for 2,048 8-GPU nodes)"
+            if assume.node_gbps == NODE_GBPS else "")
+        why = f"the lower of {storage} and {node}"
+    lines += [f"checkpoint: {_bytes(size.total)} in all, {_bytes(size.per_rank)} per rank (fp32 parameters "
+              f"{_bytes(size.params)}, LARS momentum {_bytes(size.momentum)}, buffers {_bytes(size.buffers)}, "
+              f"per-rank state {_bytes(size.rank_files)} each)",
+              f"  save {_seconds(plan.save_s)}, load {_seconds(plan.load_s)} at {rate:.3g} GB/s: {why}"]
+    if assume.mtbf_hours is not None:
+        mtbf = f"job MTBF {_hours(assume.mtbf_hours)} (--mtbf-hours)"
+    else:
+        source = (" (default: Llama 3, 419 unexpected interruptions in 54 days on up to 16,384 H100s)"
+                  if assume.gpu_mtbf_hours == GPU_MTBF_HOURS else "")
+        mtbf = (f"job MTBF {_hours(g.mtbf_s / 3600)}: --gpu-mtbf-hours {assume.gpu_mtbf_hours:,.0f}{source} "
+                f"/ {point.world_size} GPUs")
+    steps = f" = {g.steps:,} steps" if g.steps else ""
+    restart = f", {default}" if assume.restart_minutes == RESTART_MINUTES else ""
+    lines += [f"goodput: checkpoint every {g.interval_s / 60:.3g} min{steps} (Daly 2006; Young 1974: "
+              f"{g.young_s / 60:.3g} min); expected time lost {g.lost:.2%} (writes {g.loss.checkpoint:.2%}, "
+              f"rework {g.loss.rework:.2%}, restarts {g.loss.restart:.2%}, to first order)",
+              f"  {mtbf}; a restart: {assume.restart_minutes:g} min (--restart-minutes{restart}) + the "
+              f"{_seconds(plan.load_s)} load"]
+    return lines

@@ -36,20 +36,16 @@ def case_config(model: str, strategy: Strategy) -> RunConfig:
 
 def measure_and_predict(rank: int, world: int, cases: list[tuple[str, Strategy]]) -> list[dict[str, Any]]:
     """For each (model, strategy): this rank's measured and predicted MemoryBreakdown as dicts."""
-    from harness.models import build_trunk_from_config
     from harness.parallel.build import build_engine
     from harness.profiling.memory import measure_step
     from harness.profiling.planner import predict_memory
     from harness.runtime import Runtime
-    from harness.ssl.swav import SwAV
 
     rt = Runtime(rank=rank, world_size=world, local_rank=rank, device=torch.device("cpu"))
     out = []
     for model, strategy in cases:
         cfg = case_config(model, strategy)
-        torch.manual_seed(0)
-        method = SwAV(build_trunk_from_config(cfg.model), cfg.swav, sum(c.count for c in cfg.data.crops))
-        engine = build_engine(method, cfg, rt, lr=0.01)
+        engine = build_engine(cfg, rt, lr=0.01, num_crops=sum(c.count for c in cfg.data.crops))
         engine.train()
         g = torch.Generator().manual_seed(rank)
         crops = [torch.randn(cfg.data.batch_size, 3, c.size, c.size, generator=g)
@@ -66,7 +62,7 @@ def measure_and_predict(rank: int, world: int, cases: list[tuple[str, Strategy]]
         predicted = predict_memory(cfg, strategy, world)
         out.append({"model": model, "strategy": strategy.to_dict(), "world": world,
                     "measured": asdict(measured), "predicted": asdict(predicted)})
-        del engine, method
+        del engine
     return out
 
 

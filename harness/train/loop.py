@@ -1,34 +1,34 @@
-"""The pretraining loop: build, step, log, save.
+"""The pretraining loop: build, resume, step, log, save.
 
-Everything that varies (model, SSL method, data, optimizer, numerics) is
-built by its own module; this file only sequences them, so it reads top to
-bottom on one screen.
+Everything that varies (model, SSL method, data, optimizer, numerics,
+checkpoints) is built by its own module; this file only sequences them, so
+it reads top to bottom on one screen. Each step ends with ONE all-reduce
+(`step_verdict`) carrying the loss and what every rank must agree on: skip a
+bad step, stop for pre-emption, save on rank 0's clock.
 """
 
 from __future__ import annotations
 
-import itertools
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Optional
 
 import torch
 
+from harness.checkpoint.manager import Checkpointer
+from harness.checkpoint.resume import Start, resolve_start
 from harness.config.loader import to_dict
 from harness.config.schema import RunConfig
-from harness.data import build_dataloader, set_epoch
-from harness.models import build_trunk_from_config
+from harness.data import DataStream, build_dataloader
 from harness.optim import build_schedule
 from harness.parallel.build import build_engine
 from harness.parallel.support import check_supported
-from harness.runtime import Runtime, init_runtime, mean_over_ranks, seed_everything
-from harness.ssl.swav import SwAV
-from harness.train.checkpoint import checkpoint_path, save_checkpoint
+from harness.runtime import Runtime, init_runtime, seed_everything
+from harness.train.faults import BadStepGuard, BufferSnapshot, RunStopped, StopRequest, step_verdict
 from harness.train.metrics import MetricsLogger, progress_bar
 from harness.train.rundir import prepare_run_dir
 from harness.train.state import TrainState
-
 
 MIN_BATCHES_PER_EPOCH = 100  # so loader workers prefetch across steps, even on tiny folders
 
@@ -41,14 +41,9 @@ class RunResult:
     losses: list[float]
     images_per_second: float
     wall_seconds: float
-
-
-def _batches(loader, device: torch.device) -> Iterator[list[torch.Tensor]]:
-    """Endless stream of multi-crop batches; the sampler reshuffles each epoch."""
-    for epoch in itertools.count():
-        set_epoch(loader, epoch)
-        for crops in loader:
-            yield [c.to(device, non_blocking=True) for c in crops]
+    start_step: int = 0
+    stopped: Optional[str] = None  # why the run ended before train.iterations (signal, time limit)
+    checkpoints: list[Path] = field(default_factory=list)
 
 
 def device_memory(device: torch.device) -> dict[str, float]:
@@ -66,52 +61,98 @@ def global_batch_size(cfg: RunConfig, rt: Runtime) -> int:
 
 def build_state(cfg: RunConfig, rt: Runtime) -> TrainState:
     num_crops = sum(c.count for c in cfg.data.crops)
-    method = SwAV(build_trunk_from_config(cfg.model), cfg.swav, num_crops).to(rt.device)
     schedule = build_schedule(cfg.schedule, global_batch_size(cfg, rt), cfg.train.iterations)
-    return TrainState(build_engine(method, cfg, rt, lr=schedule(0)), schedule)
+    return TrainState(build_engine(cfg, rt, lr=schedule(0), num_crops=num_crops), schedule)
+
+
+def _build(cfg: RunConfig, rt: Runtime, run_dir: Path, start: Start, config: dict) -> tuple:
+    """Data stream, model/optimizer state and checkpointer, continued from `start`."""
+    loader = build_dataloader(cfg.data, rank=rt.rank, world_size=rt.world_size, seed=cfg.train.seed,
+                              epoch_length=MIN_BATCHES_PER_EPOCH * cfg.data.batch_size * rt.world_size)
+    data = DataStream(loader, rt.device)
+    state = build_state(cfg, rt)
+    checkpointer = Checkpointer(run_dir, cfg, config, rt)
+    if start.kind == "resume":
+        checkpointer.load(start.checkpoint, state, data)
+    elif start.kind == "init":
+        checkpointer.init_from(start.checkpoint, state.engine, cfg.train.init_from_scope)
+    stage = f" zero_stage={cfg.parallel.zero_stage}" if state.engine.name == "deepspeed" else ""
+    origin = f" from {start.checkpoint} (step {state.step})" if start.checkpoint else ""
+    print(f"harness: rank {rt.rank}/{rt.world_size} on {rt.device}: backend={state.engine.name}{stage} "
+          f"precision={cfg.parallel.precision} global_batch={global_batch_size(cfg, rt)}{origin}", flush=True)
+    return data, state, checkpointer
 
 
 def pretrain(cfg: RunConfig) -> RunResult:
     rt = init_runtime(cfg)
     check_supported(cfg, rt.device)  # before the run folder, loader or model exist
     seed_everything(cfg.train.seed, rt.rank)
+    config = to_dict(cfg)
     run_dir = prepare_run_dir(cfg, rt)
-    loader = build_dataloader(cfg.data, rank=rt.rank, world_size=rt.world_size, seed=cfg.train.seed,
-                              epoch_length=MIN_BATCHES_PER_EPOCH * cfg.data.batch_size * rt.world_size)
-    state = build_state(cfg, rt)
+    start = resolve_start(cfg, run_dir, config)  # a bad path or an incompatible checkpoint: one line, nothing built
+    if start.kind == "resume" and start.manifest["step"] >= cfg.train.iterations:
+        if rt.is_main:
+            print(f"harness: {run_dir} already reached step {start.manifest['step']} of {cfg.train.iterations}: "
+                  "nothing to do (raise train.iterations to train longer)", flush=True)
+        return RunResult(rt.is_main, cfg.parallel.backend, run_dir, [], 0.0, 0.0, start.manifest["step"])
+    data, state, checkpointer = _build(cfg, rt, run_dir, start, config)
     engine, global_batch = state.engine, global_batch_size(cfg, rt)
-    stage = f" zero_stage={cfg.parallel.zero_stage}" if engine.name == "deepspeed" else ""
-    print(f"harness: rank {rt.rank}/{rt.world_size} on {rt.device}: backend={engine.name}{stage} "
-          f"precision={cfg.parallel.precision} global_batch={global_batch}", flush=True)
     logger = MetricsLogger(run_dir, rt.is_main, cfg.train.tensorboard)
     bar = progress_bar(state.step, cfg.train.iterations, rt.is_main)
-    batches, losses, start = _batches(loader, rt.device), [], time.perf_counter()
+    stop, guard = StopRequest(cfg.train.time_limit), BadStepGuard(run_dir, rt.rank, cfg.train.max_bad_steps)
+    buffers = BufferSnapshot(engine.method)
+    result = RunResult(rt.is_main, engine.name, run_dir, [], 0.0, 0.0, state.step)
+    wall_start = time.perf_counter()
 
     engine.train()
-    for step in range(state.step, cfg.train.iterations):
-        tick = time.perf_counter()
-        lr = state.schedule(step)
-        engine.set_lr(lr)
-        local_loss = sum(engine.forward_backward(next(batches), step)[0]
-                         for _ in range(cfg.train.grad_accum)) / cfg.train.grad_accum
-        stepped = engine.optimizer_step(step)
-        step_loss = mean_over_ranks(local_loss, rt)
-        state.schedule.observe(step_loss)
-        state.step, state.images_seen = step + 1, state.images_seen + global_batch
+    try:
+        for step in range(state.step, cfg.train.iterations):
+            tick = time.perf_counter()
+            lr = state.schedule(step)
+            engine.set_lr(lr)
+            local_loss = 0.0
+            buffers.take()
+            for _ in range(cfg.train.grad_accum):
+                crops = next(data)
+                local_loss += engine.forward_backward(crops, step)[0] / cfg.train.grad_accum
+            verdict = step_verdict(local_loss, engine.grads_finite(), stop.requested, checkpointer.time_due(), rt)
+            stepped = not verdict.bad
+            if verdict.bad:  # skipped on every rank, without a trace
+                engine.skip_step()
+                buffers.restore()
+                message = guard.bad(step, local_loss, crops, engine.method.last_outputs())
+                if message:
+                    checkpointer.wait()
+                    raise RunStopped(message)
+            else:
+                guard.good()
+                stepped = engine.optimizer_step(step)  # False: fp16 overflow, skipped by the loss scaler
+                state.schedule.observe(verdict.loss)
+            state.step, state.images_seen = step + 1, state.images_seen + global_batch
 
-        images_per_s = global_batch / (time.perf_counter() - tick)
-        losses.append(step_loss)
-        bar.update(1)
-        bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.4g}", img_s=f"{images_per_s:.1f}")
-        if state.step % cfg.train.log_every == 0 or state.step == cfg.train.iterations:
-            logger.log(state.step, {"loss": step_loss, "lr": lr, "images_per_s": images_per_s,
-                                    "images_seen": state.images_seen, "stepped": float(stepped),
-                                    **device_memory(rt.device)})
-        if cfg.train.checkpoint_every and state.step % cfg.train.checkpoint_every == 0:
-            save_checkpoint(checkpoint_path(run_dir, state.step), state, to_dict(cfg), write=rt.is_main)
-
-    wall = time.perf_counter() - start
-    bar.close()
-    logger.close()
-    save_checkpoint(checkpoint_path(run_dir), state, to_dict(cfg), write=rt.is_main)
-    return RunResult(rt.is_main, engine.name, run_dir, losses, len(losses) * global_batch / max(wall, 1e-9), wall)
+            images_per_s = global_batch / (time.perf_counter() - tick)
+            result.losses.append(verdict.loss)
+            bar.update(1)
+            bar.set_postfix(loss=f"{verdict.loss:.4f}", lr=f"{lr:.4g}", img_s=f"{images_per_s:.1f}")
+            if state.step % cfg.train.log_every == 0 or state.step == cfg.train.iterations or verdict.bad:
+                logger.log(state.step, {"loss": verdict.loss, "lr": lr, "images_per_s": images_per_s,
+                                        "images_seen": state.images_seen, "stepped": float(stepped),
+                                        **device_memory(rt.device)})
+            checkpointer.poll()
+            if verdict.stop:
+                result.stopped = stop.reason or "a stop request on another rank"
+                break
+            if state.step < cfg.train.iterations and (checkpointer.due(state.step) or verdict.save):
+                result.checkpoints.append(checkpointer.save(state, data))
+    finally:
+        stop.restore()
+        bar.close()
+        logger.close()
+    result.wall_seconds = time.perf_counter() - wall_start
+    result.images_per_second = len(result.losses) * global_batch / max(result.wall_seconds, 1e-9)
+    result.checkpoints.append(checkpointer.save(state, data, final=state.step >= cfg.train.iterations))
+    checkpointer.wait()
+    if result.stopped and rt.is_main:
+        print(f"harness: stopped at step {state.step} ({result.stopped}); checkpoint written, run the same command "
+              "again to continue", flush=True)
+    return result

@@ -43,8 +43,21 @@ def test_ranks_get_disjoint_indices() -> None:
     assert set(index_sets[0]).isdisjoint(index_sets[1])
     assert set(index_sets[0]) | set(index_sets[1]) == set(range(40))
     before = list(loaders[0].sampler)
-    set_epoch(loaders[0], 1)
-    assert list(loaders[0].sampler) != before
+    set_epoch(loaders[0], 1)  # keys carry the epoch: epoch * 40 + index
+    after = [k - 40 for k in loaders[0].sampler]
+    assert after != before and sorted(after) == sorted(set(after)) and set(after) <= set(range(40))
+
+
+def test_sampler_start_shortens_the_epoch() -> None:
+    loader = build_dataloader(small_cfg(batch_size=4), epoch_length=40)
+    assert len(loader) == 10
+    loader.sampler.set_epoch(2, start=30)
+    keys = list(loader.sampler)
+    assert len(loader) == 2 and len(keys) == 10 and all(80 <= k < 120 for k in keys)
+    set_epoch(loader, 2)
+    assert list(loader.sampler)[30:] == keys
+    with pytest.raises(ValueError, match="start"):
+        loader.sampler.set_epoch(0, start=-1)
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])

@@ -16,7 +16,6 @@ import torch.distributed as dist
 
 from harness.config import load_config
 from harness.config.schema import RunConfig
-from harness.models import build_trunk_from_config
 from harness.parallel.build import build_engine
 from harness.parallel.torch_engine import TorchEngine
 from harness.runtime import Runtime
@@ -52,12 +51,22 @@ def runtime(rank: int = 0, world: int = 1) -> Runtime:
 
 
 def build(cfg: RunConfig, rt: Runtime, dtype: torch.dtype = torch.float32) -> TorchEngine:
-    """Same initial weights on every rank and in every backend (seeded before building)."""
-    torch.manual_seed(0)
-    method = SwAV(build_trunk_from_config(cfg.model), cfg.swav, len(SIZES)).to(rt.device, dtype)
-    engine = build_engine(method, cfg, rt, lr=LR)
+    """As the trainer builds it: the same initial weights on every rank and in every backend
+    (a function of cfg.train.seed and each parameter's name, harness.models.init)."""
+    engine = build_engine(cfg, rt, lr=LR, num_crops=len(SIZES), dtype=dtype)
     engine.train()
     return engine
+
+
+def one_process_method(cfg: RunConfig, dtype: torch.dtype = torch.float32) -> SwAV:
+    """The reference build: the whole method in one process, initialised as every backend is."""
+    import copy
+
+    from harness.parallel.parallelize import start_method
+
+    single = copy.deepcopy(cfg)
+    single.parallel.backend = "none"
+    return start_method(lambda: SwAV.from_config(single, len(SIZES)), single, runtime(), dtype)[0]
 
 
 def global_loss(loss: float, world: int) -> float:
@@ -168,35 +177,6 @@ def ddp_sync_count_run(rank: int, world: int) -> list[int]:
     return counts
 
 
-def fsdp2_resume_run(rank: int, world: int) -> dict:
-    """Full state dict of a sharded engine (rank 0) loaded into a fresh one: the next step is identical."""
-    cfg = make_cfg("fsdp2", 4, *F64)
-    data = make_data(3, 4 * world, dtype=torch.float64)
-    trained = build(cfg, runtime(rank, world), torch.float64)
-    train(trained, data[:2], rank, world)
-    state = [trained.state_dict()]  # collective; only rank 0 holds the tensors
-    keys = sorted(state[0]["model"])
-    dist.broadcast_object_list(state, src=0)  # as if every rank had read the file
-    fresh = build(cfg, runtime(rank, world), torch.float64)
-    fresh.load_state_dict(state[0])
-    same_params = all(
-        torch.equal(a.full_tensor(), b.full_tensor())
-        for a, b in zip(trained.method.parameters(), fresh.method.parameters())
-    )
-    step = lambda engine: train(engine, data[2:], rank, world)[0]  # noqa: E731
-    return {"keys": keys, "same_params": same_params, "next_loss": (step(trained), step(fresh))}
-
-
-def pretrain_run(rank: int, world: int, output_dir: str) -> dict:
-    """The real loop (data loader, schedule, checkpoints) under fsdp2: saving gathers on every rank."""
-    from harness.train.loop import pretrain
-
-    cfg = make_cfg("fsdp2", 4, "train.iterations=2", "train.checkpoint_every=1", "schedule.warmup_iters=1",
-                   "train.tensorboard=false", f"train.output_dir={output_dir}", "train.run_name=run")
-    result = pretrain(cfg)
-    return {"losses": result.losses, "run_dir": str(result.run_dir)}
-
-
 def combined_run(rank: int, world: int) -> list[float]:
     """Options together: bf16 policy + BN units (head BN too), AC segments as units, CPU offload."""
     cfg = make_cfg("fsdp2", 4, "parallel.precision=bf16", "parallel.cpu_offload=true", *AC_SEGMENTS,
@@ -208,7 +188,7 @@ def combined_run(rank: int, world: int) -> list[float]:
 def two_rank_scenarios(rank: int, world: int, output_dir: str) -> dict:
     """Everything the 2-rank tests need, in one pair of processes (start-up dominates on 2 cores)."""
     torch.set_num_threads(1)
-    out: dict = {"pretrain": pretrain_run(rank, world, output_dir)}
+    out: dict = {}
     for key, backend, extra in [("ddp", "ddp", ()), ("fsdp2", "fsdp2", ()),
                                 ("fsdp2_zero2", "fsdp2", ("parallel.reshard_after_forward=false",))]:
         out[key] = fp64_run(rank, world, backend, 4, PARITY_STEPS, *extra)
@@ -220,7 +200,6 @@ def two_rank_scenarios(rank: int, world: int, output_dir: str) -> dict:
     out["ddp_ac_segments"] = fp64_run(rank, world, "ddp", 4, AC_STEPS, *AC_SEGMENTS)
     out["ddp_accum"] = fp64_run(rank, world, "ddp", 2, 2, accum=2)
     out["fsdp2_accum"] = fp64_run(rank, world, "fsdp2", 2, 2, accum=2)
-    out["fsdp2_resume"] = fsdp2_resume_run(rank, world)
     out["ddp_sync_counts"] = ddp_sync_count_run(rank, world)
     for backend in ("ddp", "fsdp2"):
         out[f"{backend}_bf16"] = low_precision_run(rank, world, backend, "bf16")

@@ -70,8 +70,17 @@ def test_segments_follow_vissl_split_points():
 
 
 def test_rejects_a_trunk_without_stages():
-    with pytest.raises(ValueError, match="trunk_output"):
-        apply_activation_checkpointing(nn.Linear(2, 2), make_cfg("none", 8, *AC_BLOCK))
+    """A trunk that declares no stages of blocks: one line naming the switch, nothing applied."""
+    from harness.parallel.parallelize import apply_ac
+    from harness.ssl.swav import SwAV
+
+    cfg = make_cfg("none", 8, *AC_BLOCK)
+    method = SwAV(nn.Sequential(nn.Conv2d(3, 368, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten()), cfg.swav, 4)
+    assert method.parallel_spec().stages == ()
+    with pytest.raises(ValueError, match="stages of blocks.*parallel.activation_checkpointing=false"):
+        apply_ac(method, method.parallel_spec(), cfg)
+    with pytest.raises(ValueError, match="stages of blocks"):
+        apply_activation_checkpointing([nn.Linear(2, 2)], cfg)
 
 
 @pytest.fixture(scope="module")

@@ -31,7 +31,6 @@ dominates on 2 cores).
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 from pathlib import Path
 
@@ -209,13 +208,9 @@ def test_fp32_cell_matches_ddp_exactly(matrix, cell):
 
 
 def _initial_trunk() -> dict[str, np.ndarray]:
-    from harness.models import build_trunk_from_config
-    from harness.ssl.swav import SwAV
-    from tests.parallel._common import SIZES, make_cfg
+    from tests.parallel._common import make_cfg, one_process_method
 
-    cfg = make_cfg("none", 4)
-    torch.manual_seed(0)  # as tests.parallel._common.build
-    method = SwAV(build_trunk_from_config(cfg.model), cfg.swav, len(SIZES))
+    method = one_process_method(make_cfg("none", 4))  # the weights every backend starts from
     return {n: p.detach().numpy() for n, p in method.trunk.named_parameters()}
 
 

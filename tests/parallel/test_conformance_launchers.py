@@ -31,7 +31,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
+
+from harness.checkpoint.layout import read_tensors
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -107,7 +108,7 @@ def run(name: str, tmp: Path) -> dict:
         assert proc.returncode == 0, log[-4000:]
         run_dir = tmp / name / "run"
         records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-        model = torch.load(run_dir / "checkpoint_final.pt", weights_only=False)["state"]["model"]
+        model, _ = read_tensors(run_dir)  # the newest (final) checkpoint, reassembled in this process
         _RUNS[name] = {"log": log, "losses": [r["loss"] for r in records], "steps": [r["step"] for r in records],
                        "trunk": {k: v.float().numpy() for k, v in model.items()
                                  if k.startswith("trunk.") and "running" not in k and "num_batches" not in k}}

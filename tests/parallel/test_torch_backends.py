@@ -151,30 +151,6 @@ def test_fp16_overflow_on_one_rank_skips_the_step_everywhere(key):
         assert run["stepped"] is False and run["unchanged"] and after < before, run
 
 
-def test_fsdp2_full_state_dict_round_trip():
-    """Sharded state is gathered under the unwrapped method's keys and restores the exact run."""
-    plain_keys = sorted(build(make_cfg("none", 4), runtime()).method.state_dict())
-    rank0, rank1 = distributed_results(2)
-    assert rank0["fsdp2_resume"]["keys"] == plain_keys and rank1["fsdp2_resume"]["keys"] == []
-    for r in (rank0, rank1):
-        before, after = r["fsdp2_resume"]["next_loss"]
-        assert r["fsdp2_resume"]["same_params"] and before == after
-
-
-def test_pretrain_loop_under_fsdp2_saves_full_checkpoints():
-    from pathlib import Path
-
-    from harness.train.checkpoint import checkpoint_path
-
-    rank0, rank1 = distributed_results(2)
-    assert rank0["pretrain"]["losses"] == rank1["pretrain"]["losses"]
-    run_dir = Path(rank0["pretrain"]["run_dir"])
-    plain = build(make_cfg("none", 4), runtime()).method.state_dict()
-    for path in (checkpoint_path(run_dir, 1), checkpoint_path(run_dir)):
-        model = torch.load(path, weights_only=False)["state"]["model"]
-        assert {k: v.shape for k, v in model.items()} == {k: v.shape for k, v in plain.items()}
-
-
 def test_fsdp2_options_combine():
     losses = [r["fsdp2_combined"] for r in distributed_results(2)]
     assert losses[0] == losses[1] and all(math.isfinite(x) for x in losses[0])

@@ -6,6 +6,7 @@ import json
 from dataclasses import replace
 
 import pytest
+import torch
 
 from harness.profiling.records import Strategy
 from tests.distributed import run_distributed
@@ -188,3 +189,173 @@ def test_fairscale_is_offered_on_gpus_and_marked_unvalidated():
     alone = predict(_tiny(), strategy, h100, 1)
     assert "\u2020" not in _format_plan([alone], 5) + _best_line(alone)  # one GPU: what it has run
     assert best([predict(_tiny(), strategy, cpu, 2)]) is None  # never recommended where training refuses it
+
+
+# ------------------------------------------------------------------ checkpoint, start-up, goodput
+
+
+def _real_method(cfg):
+    from harness.models import build_trunk_from_config
+    from harness.ssl.swav import SwAV
+
+    return SwAV(build_trunk_from_config(cfg.model), cfg.swav, sum(c.count for c in cfg.data.crops))
+
+
+def test_checkpoint_size_counts_the_real_model():
+    """Against the state_dict of a really built tiny SwAV: every parameter in fp32 and its
+    momentum, the shared buffers (BatchNorm: fp32 statistics, int64 counters) once, and per rank
+    the queue (crops_for_assign x queue_length x head_dims[-1], fp32) with its int64 fill count."""
+    from harness.profiling.planner import RANK_STATE_BYTES, checkpoint_size
+
+    cfg = _tiny("swav.queue_length=32")
+    method = _real_method(cfg)
+    state = method.state_dict()
+    params = dict(method.named_parameters())
+    shared = {n: t for n, t in state.items() if n not in params and not n.startswith("criterion.")}
+    assert {t.dtype for t in shared.values()} == {torch.float32, torch.int64}
+    size = checkpoint_size(cfg, Strategy(backend="fsdp2"), 4)
+    assert size.params == size.momentum == sum(p.numel() for p in params.values()) * 4
+    assert size.buffers == sum(t.numel() * t.element_size() for t in shared.values())
+    assert size.rank_files == len(cfg.swav.crops_for_assign) * 32 * cfg.swav.head_dims[-1] * 4 + 8 + RANK_STATE_BYTES
+    assert size.per_rank == pytest.approx((size.total - size.metadata) / 4, abs=1)  # rank 0 adds DCP's .metadata
+    plain = checkpoint_size(_tiny("optim.momentum=0"), Strategy(backend="fsdp2"), 4)
+    assert plain.momentum == 0 and plain.params == size.params and plain.items < size.items
+
+
+def _dcp_save(rank: int, world: int, root: str) -> dict[str, dict[str, int]]:
+    """Save a tiny SwAV's parameters, buffers and zero momentum with DCP, FSDP2-sharded and
+    replicated (as under DDP); the bytes of each file written."""
+    import os
+
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    out = {}
+    for layout in ("replicated", "fsdp2"):
+        torch.manual_seed(0)
+        method = _real_method(_tiny())
+        if layout == "fsdp2":
+            fully_shard(method, mesh=init_device_mesh("cpu", (world,)))
+        state = {f"model/{n}": t for n, t in method.state_dict().items() if not n.startswith("criterion.")}
+        state.update({f"momentum/{n}": torch.zeros_like(p.detach()) for n, p in method.named_parameters()})
+        folder = os.path.join(root, layout)
+        dcp.save(state, checkpoint_id=folder)
+        dist.barrier()
+        out[layout] = {f: os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder)}
+    return out
+
+
+def test_checkpoint_size_matches_what_dcp_writes(tmp_path):
+    """Two gloo ranks really save: the total (tensor files and .metadata) is the prediction, less
+    the harness's own files, within 2%; each rank writes about half, replicated tensors included
+    (DCP keeps one copy and spreads them)."""
+    from harness.profiling.planner import MANIFEST_BYTES, checkpoint_size
+
+    written = run_distributed(_dcp_save, 2, str(tmp_path))[0]
+    for layout, backend in (("replicated", "ddp"), ("fsdp2", "fsdp2")):
+        size = checkpoint_size(_tiny(), Strategy(backend=backend), 2)
+        files = written[layout]
+        assert sum(files.values()) == pytest.approx(size.total - MANIFEST_BYTES - 2 * size.rank_files, rel=0.02)
+        for rank in (0, 1):
+            assert files[f"__{rank}_0.distcp"] == pytest.approx(size.shared / 2, rel=0.1), (layout, files)
+
+
+def test_startup_peak_per_backend():
+    """Meta-device start: FSDP2 materialises its shard only, DDP the whole fp32 model plus its
+    buckets and one broadcast bucket; the predicted peak is never below the start-up's."""
+    from harness.profiling.memory_model import model_states, startup_peak
+    from harness.profiling.planner import predict_memory
+
+    cfg = _tiny()
+    numel = sum(p.numel() for p in _real_method(cfg).parameters())
+    ddp, fsdp = Strategy(backend="ddp", precision="fp32"), Strategy(backend="fsdp2", precision="fp32")
+    assert startup_peak(cfg, ddp, 2) == 3 * numel * 4  # a model smaller than 250 MiB: broadcast whole
+    assert startup_peak(cfg, fsdp, 4) == model_states(cfg, fsdp, 4).params < numel * 4 / 3
+    for strategy in (ddp, fsdp, Strategy(backend="deepspeed", zero_stage=1, precision="fp32"),
+                     Strategy(backend="deepspeed", zero_stage=3, precision="fp32"),
+                     Strategy(backend="fairscale", precision="fp32")):
+        mem = predict_memory(cfg, strategy, 2)
+        assert 0 < mem.startup <= mem.peak, strategy.label
+
+
+def test_a_startup_that_does_not_fit_is_the_peak(monkeypatch):
+    """The peak is max(step, start-up): a start-up past the device's memory makes the point not fit."""
+    from harness.profiling import planner
+    from harness.profiling.devices import get_device
+
+    device = get_device("cpu")
+    monkeypatch.setattr(planner, "startup_peak", lambda cfg, strategy, world: device.memory_bytes + 1)
+    point = planner.predict(_tiny(), Strategy(backend="ddp", precision="fp32", micro_batch=4), device, 2)
+    assert point.memory.peak == point.memory.startup == device.memory_bytes + 1 and not point.fits
+
+
+TINY_PLAN = ["--device", "cpu", "data.batch_size=1", "data.crops=[{size: 32, count: 2, scale: [0.3, 1.0]}]",
+             "swav.head_dims=[368, 32, 16]", "swav.num_prototypes=[16]"]
+
+
+def test_plan_prints_startup_checkpoint_and_goodput(capsys):
+    from harness.cli import main
+    from harness.config import load_config
+    from harness.profiling.devices import get_device
+    from harness.profiling.goodput import Assumptions, daly_interval
+    from harness.profiling.planner import best, checkpoint_plan, search
+
+    assert main(["plan", "-c", "quickstart", "--gpus", "2", *TINY_PLAN, "--mtbf-hours", "24",
+                 "--storage-gbps", "0.001", "--restart-minutes", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "start GiB" in out.splitlines()[1]
+    cfg, device = load_config("quickstart", TINY_PLAN[2:]), get_device("cpu")
+    choice = best(search(cfg, device, 2))
+    plan = checkpoint_plan(cfg, choice, device.gpus_per_node, Assumptions(0.001, mtbf_hours=24, restart_minutes=2))
+    size = plan.size
+    assert plan.nodes == 2 and plan.save_s == pytest.approx(size.total / 1e6)  # 1 MB/s: below the nodes' cap
+    steps = round(daly_interval(plan.save_s, 24 * 3600) / choice.time.step)
+    assert f"start-up: {choice.memory.startup / 2**30:.2f} GiB per GPU" in out
+    assert f"checkpoint: {size.total / 2**20:.1f} MiB in all, {size.per_rank / 2**20:.1f} MiB per rank" in out
+    assert (f"save {plan.save_s:.1f} s, load {plan.load_s:.1f} s at 0.001 GB/s: the lower of --storage-gbps 0.001 "
+            "and 2 nodes x --storage-node-gbps 0.977 (default: Llama 3's Tectonic") in out
+    assert f"= {steps:,} steps (Daly 2006; Young 1974:" in out
+    assert f"expected time lost {plan.goodput.lost:.2%}" in out
+    assert f"job MTBF 24.0 h (--mtbf-hours); a restart: 2 min (--restart-minutes) + the {plan.load_s:.1f} s load" in out
+
+
+def test_plan_defaults_name_their_sources_and_json_carries_the_checkpoint(capsys):
+    from harness.cli import main
+
+    assert main(["plan", "-c", "quickstart", "--gpus", "2", *TINY_PLAN]) == 0
+    out = capsys.readouterr().out
+    assert "--storage-gbps 10 (default: a round assumption)" in out
+    assert "--gpu-mtbf-hours 50,677 (default: Llama 3, 419 unexpected interruptions in 54 days" in out
+    assert "(--restart-minutes, default: a round assumption)" in out
+    assert main(["plan", "-c", "quickstart", "--gpus", "2", *TINY_PLAN, "--json"]) == 0
+    points = json.loads(capsys.readouterr().out)
+    for p in points:
+        assert p["memory"]["peak"] >= p["memory"]["startup"] > 0
+        assert p["checkpoint"]["size"]["total"] > p["checkpoint"]["size"]["params"] > 0
+        assert p["checkpoint"]["goodput"]["steps"] >= 1
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--mtbf-hours", "0"], "--mtbf-hours 0: give the job's mean time between failures in hours"),
+    (["--gpu-mtbf-hours", "-5"], "--gpu-mtbf-hours -5: give one GPU's mean time between failures"),
+    (["--storage-gbps", "-1"], "--storage-gbps -1: give the filesystem's bandwidth in GB/s"),
+    (["--storage-node-gbps", "-1"], "--storage-node-gbps -1: give one node's bandwidth in GB/s, or 0 for no cap "
+                                    "(a number >= 0)"),
+    (["--restart-minutes", "nan"], "--restart-minutes nan: give the minutes a restart takes"),
+])
+def test_plan_refuses_bad_storage_and_failure_figures(argv, message, capsys):
+    from harness.cli import main
+
+    assert main(["plan", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("harness: config error: ") and message in err
+
+
+def test_plan_takes_one_mtbf(capsys):
+    from harness.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["plan", "--mtbf-hours", "5", "--gpu-mtbf-hours", "50000"])
+    assert exc.value.code == 2 and "not allowed with argument" in capsys.readouterr().err

@@ -84,6 +84,7 @@ def test_csv_columns_and_values(points, tmp_path):
         assert int(row["world_size"]) == p.world_size and int(row["zero_stage"]) == p.strategy.zero_stage
         assert row["fits"] == str(p.fits) and row["cpu_offload"] == str(p.strategy.cpu_offload)
         assert float(row["peak_gib"]) == p.memory.peak / GIB
+        assert float(row["startup_gib"]) == p.memory.startup / GIB
         for c in CATEGORIES:
             assert float(row[f"{c}_gib"]) == getattr(p.memory, c) / GIB
         assert float(row["headroom_gib"]) == (DEV_MEM - p.memory.peak) / GIB

@@ -134,3 +134,33 @@ def test_ddp_wrapper_keeps_per_rank_queue() -> None:
         assert model.trunk.conv.weight.grad is not None
     finally:
         dist.destroy_process_group()
+
+
+def test_parallel_spec_declares_what_backends_apply() -> None:
+    """The spec names real submodules and parameters; its step rules do what the method's own do."""
+    from harness.config import load_config
+
+    cfg = load_config("quickstart", ["swav.head_batchnorm=true", "swav.head_dims=[368, 32, 32, 16]",
+                                     "swav.num_prototypes=[10, 7]", "swav.freeze_prototypes_iters=3"])
+    with torch.device("meta"):
+        model = SwAV.from_config(cfg, num_crops=4)
+    spec = model.parallel_spec()
+    assert spec.sync_bn == ("trunk", "head") and spec.fp32 == ("prototypes",)
+    assert spec.stages == tuple(f"trunk.trunk_output.block{i}" for i in range(1, 5))
+    assert spec.units == ("trunk.stem", "head")
+    for name in (*spec.sync_bn, *spec.stages, *spec.units, *spec.fp32):
+        model.get_submodule(name)
+    protos = ["prototypes.heads.0.weight", "prototypes.heads.1.weight"]
+    assert spec.frozen_at(2) == protos and spec.frozen_at(3) == []
+    assert list(spec.after_step[0].params) == protos and spec.after_step[0].whole_rows
+    assert set(spec.init) == {n for n, _ in model.named_parameters()}
+    assert spec.init["prototypes.heads.0.weight"].unit_rows
+    assert spec.init["trunk.stem.0.weight"].kind == "normal" and spec.init["head.0.weight"].kind == "uniform"
+    rows = torch.randn(5, 4) * 3
+    spec.after_step[0].fn(rows)
+    torch.testing.assert_close(rows.norm(dim=1), torch.ones(5))
+
+
+def test_parallel_spec_of_a_trunk_without_stages() -> None:
+    spec = make().parallel_spec()  # TinyTrunk: no stages, no stem; a head with parameters
+    assert spec.stages == () and spec.units == ("head",)

@@ -10,7 +10,9 @@ import yaml
 from harness.config import ConfigError, load_config
 from harness.config.loader import config_from_dict
 from harness.runtime import Runtime
-from harness.train.checkpoint import checkpoint_path, load_checkpoint
+from harness.checkpoint.layout import complete_checkpoints, read_manifest, read_tensors
+from harness.checkpoint.manager import Checkpointer
+from harness.config.loader import to_dict
 from harness.train.loop import build_state, pretrain
 
 TINY = [
@@ -37,22 +39,26 @@ def test_run_writes_metrics_config_checkpoint_and_events(tmp_path):
     assert records[-1]["images_seen"] == 16 and records[0]["images_per_s"] > 0
     assert config_from_dict(yaml.safe_load((run_dir / "config.yaml").read_text())) == cfg
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
-    assert checkpoint_path(run_dir, 2).exists() and checkpoint_path(run_dir).exists()
-    payload = torch.load(checkpoint_path(run_dir), weights_only=False)
-    assert payload["state"]["step"] == 4 and payload["state"]["images_seen"] == 16
+    assert [read_manifest(c)["step"] for c in complete_checkpoints(run_dir)] == [2, 4]
+    manifest = read_manifest(run_dir)
+    assert manifest["final"] and manifest["images_seen"] == 16 and manifest["config"] == to_dict(cfg)
 
 
-def test_checkpoint_restores_the_exact_state(tmp_path):
+def test_checkpoint_holds_the_run_state(tmp_path):
+    """Checkpointer.load puts a fresh build into exactly the saved state."""
     cfg = tiny_config(tmp_path)
     pretrain(cfg)
     rt = Runtime(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
     fresh = build_state(cfg, rt)
-    load_checkpoint(checkpoint_path(tmp_path / "run"), fresh)
-    saved = torch.load(checkpoint_path(tmp_path / "run"), weights_only=False)["state"]
-    assert fresh.step == 4
-    for name, value in fresh.engine.method.state_dict().items():
-        torch.testing.assert_close(value, saved["model"][name], rtol=0, atol=0)
-    assert fresh.engine.optimizer.state_dict()["state"].keys() == saved["optimizer"]["state"].keys()
+    Checkpointer(tmp_path / "run", cfg, to_dict(cfg), rt).load(complete_checkpoints(tmp_path / "run")[-1], fresh, None)
+    saved, _ = read_tensors(tmp_path / "run")
+    assert fresh.step == 4 and fresh.images_seen == 16
+    live = fresh.engine.method.state_dict()
+    assert all(torch.equal(live[k], saved[k]) for k in saved) and "criterion.queue" not in saved
+    momentum, _ = read_tensors(tmp_path / "run", "momentum/")
+    params = dict(fresh.engine.method.named_parameters())
+    assert momentum and all(torch.equal(fresh.engine.optimizer.state[params[k]]["momentum_buffer"], v)
+                            for k, v in momentum.items())
 
 
 def test_frozen_prototypes_only_renormalised(tmp_path):
@@ -61,19 +67,11 @@ def test_frozen_prototypes_only_renormalised(tmp_path):
     rt = Runtime(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
     initial = build_state(cfg, rt).engine.method.prototypes.state_dict()
     pretrain(cfg)
-    saved = torch.load(checkpoint_path(tmp_path / "run"), weights_only=False)["state"]["model"]
+    saved, _ = read_tensors(tmp_path / "run")
     for key, weight in initial.items():
         torch.testing.assert_close(saved[f"prototypes.{key}"], F.normalize(weight, dim=1))
-
-
-def test_existing_results_are_never_overwritten(tmp_path):
-    cfg = tiny_config(tmp_path, "train.iterations=1", "schedule.warmup_iters=0")
-    pretrain(cfg)
-    final = checkpoint_path(tmp_path / "run")
-    before = final.read_bytes()
-    with pytest.raises(ConfigError, match="already holds results .*nothing was overwritten"):
-        pretrain(cfg)
-    assert final.read_bytes() == before
+    momentum, _ = read_tensors(tmp_path / "run", "momentum/")
+    assert momentum and not [k for k in momentum if k.startswith("prototypes")]  # frozen: never stepped
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from harness.models.init import normalize_rows_
+
 
 def _autocast_off(device_type: str) -> contextlib.AbstractContextManager:
     """Leave autocast for a block; a no-op where autocast is off or unsupported (meta)."""
@@ -82,11 +84,9 @@ class Prototypes(nn.Module):
         when the weight is later sharded along rows (FSDP2 ``Shard(0)``
         DTensors: ``to_local()`` holds whole rows). Flat-parameter sharding
         that splits rows (FSDP1 flatten, ZeRO-3) must gather before calling.
+        Backends run the same function through `SwAV.parallel_spec`'s step hook.
         """
         for head in self.heads:
             weight = head.weight.data
             local = weight.to_local() if hasattr(weight, "to_local") else weight
-            if local.numel() == 0:
-                continue
-            norms = local.norm(dim=1, keepdim=True).clamp_min(torch.finfo(local.dtype).tiny)
-            local.div_(norms)
+            normalize_rows_(local)

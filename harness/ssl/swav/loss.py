@@ -111,6 +111,7 @@ class SwAVLoss(nn.Module):
             for s in scores
         ]
         total = embeddings.new_zeros((), dtype=torch.float32)
+        self.last_assignments = []  # kept (references, no copies) for the post-mortem of a NaN step
         for h, head_scores in enumerate(scores):
             head_loss = total.new_zeros(())
             for i, crop_id in enumerate(self.crops_for_assign):
@@ -121,6 +122,7 @@ class SwAVLoss(nn.Module):
                     q = sinkhorn_knopp(
                         out, self.epsilon, self.sinkhorn_iterations, group=self.group, use_fp64=self.sinkhorn_fp64
                     )[-B:]
+                    self.last_assignments.append(q)
                 sub = total.new_zeros(())
                 for v in range(self.num_crops):
                     if v != crop_id:

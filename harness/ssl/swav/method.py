@@ -1,8 +1,12 @@
 """The SwAV method: trunk + projection head + prototypes + swapped prediction.
 
-The training loop only sees ``training_step``, ``cancel_prototype_gradients``
-and ``normalize_prototypes`` (as DINOv2 separates its method from its loop),
-so another SSL method can be plugged in with the same surface.
+The training loop only sees ``training_step`` and ``last_outputs`` (as
+DINOv2 separates its method from its loop), and the backends only
+``parallel_spec``: what SwAV
+needs of them (synchronised BatchNorm in trunk and head, prototypes frozen at
+first, kept in fp32 and re-normalised after every step, the trunk's blocks as
+checkpoint and sharding units, its initialisation), so another SSL method can
+be plugged in with the same surface.
 """
 
 from __future__ import annotations
@@ -14,7 +18,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from harness.config.schema import SwAVConfig
+from harness.config.schema import RunConfig, SwAVConfig
+from harness.models.init import default_rules, normalize_rows_, torchvision_rules, unit_rows
+from harness.models.stages import stage_names, stem_names
+from harness.parallel.spec import Frozen, ParallelSpec, StepHook
 from harness.ssl.swav.head import ProjectionHead, Prototypes
 from harness.ssl.swav.loss import SwAVLoss
 
@@ -62,6 +69,41 @@ class SwAV(nn.Module):
             f"criterion.{name}" for name, buf in self.criterion.named_buffers() if buf is not None
         ]
 
+    @classmethod
+    def from_config(cls, cfg: RunConfig, num_crops: int) -> "SwAV":
+        """The method a run config describes (trunk from `model:`, head and loss from `swav:`).
+        Build it under `torch.device("meta")` to size or shard it before it exists."""
+        from harness.models import build_trunk_from_config
+
+        return cls(build_trunk_from_config(cfg.model), cfg.swav, num_crops)
+
+    def parallel_spec(self) -> ParallelSpec:
+        """What every backend applies to SwAV, the same way (see harness.parallel.spec).
+
+        SyncBN over trunk AND head (SEER synchronises all BN; VISSL's head BN
+        too). Prototypes: no update for `freeze_prototypes_iters` steps
+        (SwAV's freeze_prototypes_niters), unit rows after every step, fp32
+        (Sinkhorn exponentiates scores / 0.05). Initialisation: the trunk as
+        torchvision builds it, the head as torch's nn.Linear default, the
+        prototypes likewise and then unit rows, as `Prototypes.__init__` does.
+        """
+        from harness.optim import param_groups
+
+        protos = tuple(f"prototypes.{n}" for n, _ in self.prototypes.named_parameters())
+        has_head = any(True for _ in self.head.parameters())
+        init = {**torchvision_rules(self.trunk, "trunk"), **default_rules(self.head, "head"),
+                **{n: unit_rows(r) for n, r in default_rules(self.prototypes, "prototypes").items()}}
+        return ParallelSpec(
+            sync_bn=("trunk", "head"),
+            stages=tuple(f"trunk.{n}" for n in stage_names(self.trunk)),
+            units=tuple(f"trunk.{n}" for n in stem_names(self.trunk)) + (("head",) if has_head else ()),
+            fp32=("prototypes",),
+            frozen=(Frozen(protos, int(self.cfg.freeze_prototypes_iters)),),
+            after_step=(StepHook(protos, normalize_rows_, whole_rows=True),),
+            param_groups=param_groups,
+            init=init,
+        )
+
     def forward(self, crops: list[Tensor]) -> SwAVOutput:
         """One trunk pass per resolution group (2x224 + 4x96 -> 2 passes).
 
@@ -93,11 +135,17 @@ class SwAV(nn.Module):
         is wrapped, so the wrapper's forward hooks run; defaults to ``self``.
         """
         output = (forward or self)(crops)
+        self._last_scores = [s.detach() for s in output.scores]
         loss = self.loss(output, crops[0].shape[0], iteration)
         metrics = {"loss": float(loss.detach())}
         if self.criterion.queue is not None:
             metrics["queue_active"] = float(self.criterion.queue_active(iteration))
         return loss, metrics
+
+    def last_outputs(self) -> dict[str, list[Tensor]]:
+        """The last step's prototype scores and Sinkhorn assignments (for a NaN post-mortem)."""
+        return {"scores": list(getattr(self, "_last_scores", [])),
+                "assignments": list(getattr(self.criterion, "last_assignments", []))}
 
     def cancel_prototype_gradients(self, iteration: int) -> None:
         """Drop prototype grads during the first ``freeze_prototypes_iters`` iterations.

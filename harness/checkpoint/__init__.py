@@ -1,0 +1,1 @@
+"""Checkpoints: sharded torch.distributed.checkpoint saves, resume, export."""
