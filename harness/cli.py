@@ -11,6 +11,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from harness.config.loader import ConfigError
+from harness.train.errors import RunStopped
 
 if TYPE_CHECKING:  # imported lazily at run time, so that `harness config` answers quickly
     from harness.config.schema import RunConfig
@@ -453,6 +454,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"harness: config error: {err}", file=sys.stderr)
         return 2
+    except RunStopped as err:
+        print(f"harness: {err}", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

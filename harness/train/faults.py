@@ -130,7 +130,3 @@ class BadStepGuard:
                     f"scores and assignments are in {self.run_dir}/bad_step_*.pt: lower the LR or raise "
                     "swav.epsilon, then resume")
         return None
-
-
-class RunStopped(Exception):
-    """The run cannot go on (too many bad steps); the message says why and what to do."""

@@ -25,7 +25,8 @@ from harness.optim import build_schedule
 from harness.parallel.build import build_engine
 from harness.parallel.support import check_supported
 from harness.runtime import Runtime, init_runtime, seed_everything
-from harness.train.faults import BadStepGuard, BufferSnapshot, RunStopped, StopRequest, step_verdict
+from harness.train.errors import RunStopped
+from harness.train.faults import BadStepGuard, BufferSnapshot, StopRequest, step_verdict
 from harness.train.metrics import MetricsLogger, progress_bar
 from harness.train.rundir import prepare_run_dir
 from harness.train.state import TrainState

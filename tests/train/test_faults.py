@@ -11,7 +11,8 @@ import torch
 from harness.checkpoint.layout import complete_checkpoints, read_manifest, read_tensors
 from harness.config import load_config
 from harness.ssl.swav import SwAV
-from harness.train.faults import RunStopped, step_verdict
+from harness.train.errors import RunStopped
+from harness.train.faults import step_verdict
 from harness.train.loop import pretrain
 from tests.distributed import run_distributed
 from tests.parallel._common import runtime
@@ -71,6 +72,15 @@ def test_consecutive_bad_steps_stop_the_run_and_keep_the_last_good_checkpoint(tm
     weights, _ = read_tensors(done[-1])
     assert all(torch.isfinite(w).all() for w in weights.values())
     assert len(list((tmp_path / "run").glob("bad_step_*.pt"))) == 1  # dumped once
+
+
+def test_the_cli_reports_a_stopped_run_in_one_line(tmp_path, monkeypatch, capsys):
+    from harness.cli import main
+
+    poison(monkeypatch, {0})
+    code = main(["pretrain", *TINY, "train.iterations=3", "train.max_bad_steps=1", f"train.output_dir={tmp_path}"])
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if not line.startswith("pretrain:")]
+    assert code == 3 and len(err) == 1 and err[0].startswith("harness: stopped: 1 consecutive steps"), err
 
 
 def verdict_on_ranks(rank: int, world: int) -> list[tuple]:
