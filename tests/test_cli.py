@@ -30,7 +30,7 @@ def test_models_json_lists_every_preset_with_reference_numbers():
     out = run_cli("models", "--json")
     assert out.returncode == 0, out.stderr
     rows = {row["name"]: row for row in json.loads(out.stdout)}
-    expected = {  # REFERENCE.md section 2
+    expected = {  # SEER paper (Goyal et al. 2021) and pycls model zoo
         "regnety_8gf": ([168, 448, 896, 2016], [2, 4, 10, 1], 37.16),
         "regnety_16gf": ([224, 448, 1232, 3024], [2, 4, 11, 1], 80.57),
         "regnety_32gf": ([232, 696, 1392, 3712], [2, 5, 12, 1], 141.33),

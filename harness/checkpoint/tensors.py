@@ -48,7 +48,7 @@ def _fairscale_flat(p: torch.Tensor, shard_of: torch.Tensor) -> FlatTensor:
     fairscale needs CUDA."""
     numel = int(torch.Size(p._orig_size).numel())
     chunk = shard_of.numel()
-    start = int(p._fsdp_shard_rank) * chunk if hasattr(p, "_fsdp_shard_rank") else dist_rank() * chunk
+    start = dist_rank() * chunk
     n = max(0, min(chunk, numel - start))
     return FlatTensor(tuple(p._orig_size), p.dtype, [(start, shard_of.detach().view(-1)[:n])] if n else [])
 

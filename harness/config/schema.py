@@ -19,7 +19,7 @@ class RegNetSpec:
     """The five numbers of the RegNet design space (Radosavovic et al. 2020) plus SE.
 
     Widths are quantized with the pycls/ClassyVision rule that SEER used,
-    not torchvision's `_make_divisible` (see REFERENCE.md section 2).
+    not torchvision's `_make_divisible` (see harness/models/regnet.py).
     """
 
     depth: int

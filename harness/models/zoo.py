@@ -32,7 +32,7 @@ RESNET_OUT_DIM = 2048
 FLOPS_RESOLUTION = 224
 
 # (depth, w0, wa, wm, group_width); all RegNetY, SE ratio 0.25.
-# Small ones from pycls's model zoo; SEER ones from REFERENCE.md section 2
+# Small ones from pycls's model zoo; SEER ones from the SEER paper (Goyal et al. 2021) and VISSL's SEER configs
 # (16GF uses wa=106.23 as pycls/VISSL do, not the paper's typo 160.23).
 _REGNETY: dict[str, tuple[int, int, float, float, int]] = {
     "regnety_200mf": (13, 24, 36.44, 2.49, 8),

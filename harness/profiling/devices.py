@@ -32,7 +32,7 @@ it is what `profiling/time_model_check.py` checks the model against).
    efficiency 0.212 x 1.85 / 3.17 = 0.123. Convolutional nets gain much less
    than the peak ratio because normalisation, activations and SE are memory-
    bound. The GEMM ceiling measured on a lent H100 (8192^3 bf16: 798 of 989
-   TFLOP/s = 0.81, REFERENCE.md 5) bounds any efficiency from above; these
+   TFLOP/s = 0.81, profiling/gpu_h100/measured.json) bounds any efficiency from above; these
    conv-net figures sit well below it.
 5. H200: same compute as the H100 (the same matmul ran at 769-798 TFLOP/s)
    and 1.43x its HBM bandwidth. No published conv-net training figure was
@@ -212,7 +212,7 @@ _BUILTIN: dict[str, DeviceProfile] = {
                 f"8 x 47 GB/s x 0.9 ~ 340 GB/s; efficiency {H100_EFFICIENCY:.3f} = A100 (itself carried over from the "
                 f"V100 pycls calibration, see module docstring) x 1.85 (MLPerf "
                 f"Training v3.0 ResNet-50, Dell 16x A100 14.4 min vs 16x H100 7.8 min) / 3.17 peak ratio; "
-                f"GEMM ceiling 798/989 = 0.81 measured (REFERENCE.md 5) bounds it; TF32 efficiency assumes "
+                f"GEMM ceiling 798/989 = 0.81 measured (profiling/gpu_h100/measured.json) bounds it; TF32 efficiency assumes "
                 f"the A100's TF32/AMP throughput ratio; {_NCCL_NOTE}; {_HOST_NOTE}")),
     "h200-141gb": DeviceProfile(
         name="H200-141GB", memory_bytes=_mib(143771),

@@ -1,5 +1,5 @@
 """RegNet quantization and builder, checked against numbers stated outside this code:
-REFERENCE.md section 2 (SEER/pycls tables) and torchvision's documented totals."""
+the SEER paper and pycls model-zoo tables and torchvision's documented totals."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from harness.config.schema import RegNetSpec
 from harness.models import StageLayout, build_regnet, regnet_layout
 from harness.models.zoo import preset_spec
 
-# REFERENCE.md section 2: stage widths, depths, group widths, trunk params (M).
+# SEER paper and pycls model zoo: stage widths, depths, group widths, trunk params (M).
 SEER_TABLE = {
     "regnety_8gf": ((168, 448, 896, 2016), (2, 4, 10, 1), 56, 37.16),
     "regnety_16gf": ((224, 448, 1232, 3024), (2, 4, 11, 1), 112, 80.57),

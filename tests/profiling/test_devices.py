@@ -63,7 +63,7 @@ def test_calibration_arithmetic() -> None:
     assert a100.efficiency == pytest.approx(v100.efficiency * (5779 / 2925) / (312 / 125))
     h100 = get_device("h100")
     assert h100.efficiency == pytest.approx(a100.efficiency * (14.4 / 7.8) / (989 / 312))
-    gemm_ceiling = 798 / 989  # measured bf16 matmul on an H100 (REFERENCE.md 5)
+    gemm_ceiling = 798 / 989  # measured bf16 matmul on an H100 (profiling/gpu_h100/measured.json)
     for key in BUILTIN[:-1]:
         d = get_device(key)
         assert 0 < d.efficiency < gemm_ceiling

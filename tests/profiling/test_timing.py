@@ -101,7 +101,7 @@ def test_seer_10b_is_counted_quickly() -> None:
     assert time.perf_counter() - start < 15
     dims, protos = cfg.swav.head_dims, cfg.swav.num_prototypes
     head_params = sum(a * b + b for a, b in zip(dims[:-1], dims[1:])) + dims[-1] * sum(protos)
-    assert work.params - head_params == 9_323_934_872  # trunk, REFERENCE.md section 2
+    assert work.params - head_params == 9_323_934_872  # trunk, SEER-10B (VISSL regnet10B config)
     assert work.recompute_flops < work.trunk_forward_flops  # stage 4 is not checkpointed
 
 
