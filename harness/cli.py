@@ -273,6 +273,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
         else:
             print(_best_line(choice))
             print("\n".join(run_lines(choice, checkpoint_plan(cfg, choice, device.gpus_per_node, assume), assume)))
+    from harness.profiling.alignment import plan_note
+    from harness.profiling.planner import plan_precision
+
+    note = plan_note(cfg, plan_precision(cfg, device)[0], device)  # unaligned conv channels (issue 12)
+    if note:
+        print(note)
     return status
 
 

@@ -51,6 +51,9 @@ def init_runtime(cfg: RunConfig) -> Runtime:
             "set parallel.backend (ddp, fsdp2, deepspeed, fairscale) or launch one process"
         )
     device = pick_device(cfg.train.device, local_rank)
+    if device.type == "cuda":
+        # fixed shapes every step (multi-crop sizes are fixed): let cuDNN time its algorithms once
+        torch.backends.cudnn.benchmark = True
     if cfg.parallel.backend != "none" and not dist.is_initialized():
         init_process_group(device, rank, world_size)
     return Runtime(rank=rank, world_size=world_size, local_rank=local_rank, device=device)

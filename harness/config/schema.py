@@ -159,6 +159,9 @@ class ParallelConfig:
 
     backend: str = "none"  # none | ddp | fsdp2 | deepspeed | fairscale
     precision: str = "fp32"  # fp32 | fp16 | bf16
+    # NHWC trunk weights and crops on CUDA (backends none/ddp; the sharded ones keep NCHW):
+    # cuDNN's tensor-core convolutions run NHWC, so NCHW costs a transpose per layer
+    channels_last: bool = True
     syncbn_group_size: int = 0  # 0: global, -1: one node, N: groups of N ranks
     activation_checkpointing: bool = False
     stage_checkpoints: Optional[list[list[int]]] = None  # VISSL-style split points per stage; None: per block
@@ -192,6 +195,8 @@ class TrainConfig:
     init_from_scope: str = "all"  # all: trunk, head and prototypes | trunk
     time_limit: float = 0.0  # minutes of wall clock after which the run checkpoints and exits 0; 0: none
     max_bad_steps: int = 5  # consecutive steps with a NaN/Inf loss or gradient before the run stops
+    compile: bool = False  # torch.compile the trunk block by block (harness.parallel.compile): the first
+    # steps pay for the compilation, later ones run fused kernels with less host work per step
     output_dir: str = "runs"
     run_name: Optional[str] = None
     tensorboard: bool = True

@@ -169,6 +169,9 @@ def _check_train(cfg: RunConfig) -> None:
              "from weights, resume continues a run)")
     _one_of(t.device, DEVICES, "train.device")
     _one_of(p.backend, BACKENDS, "parallel.backend")
+    _require(not (t.compile and p.backend == "fairscale"),
+             "train.compile=true is not supported with parallel.backend=fairscale (its FSDP swaps flattened "
+             "parameters under the blocks at every step): use parallel.backend=fsdp2, or train.compile=false")
     _one_of(p.precision, PRECISIONS, "parallel.precision")
     _require(p.syncbn_group_size >= -1, "parallel.syncbn_group_size must be 0 (global), -1 (one node) or a group size")
     _require(cfg.world_size >= 1, "world_size must be >= 1")

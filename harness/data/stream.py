@@ -59,13 +59,15 @@ class DataStream:
     skipped images are never decoded.
     """
 
-    def __init__(self, loader: DataLoader, device: torch.device | str = "cpu") -> None:
+    def __init__(self, loader: DataLoader, device: torch.device | str = "cpu",
+                 memory_format: torch.memory_format = torch.preserve_format) -> None:
         if not isinstance(loader.sampler, EpochSampler) or not isinstance(loader.dataset, SeededDataset):
             raise TypeError("DataStream needs a loader from harness.data.build_dataloader (EpochSampler over a "
                             f"SeededDataset), got sampler {type(loader.sampler).__name__}")
         if loader.batch_size is None or not loader.drop_last:
             raise TypeError("DataStream needs a loader with a fixed batch_size and drop_last=True")
         self.loader, self.device = loader, torch.device(device)
+        self.memory_format = memory_format
         self.sampler: EpochSampler = loader.sampler
         self.batch_size: int = loader.batch_size
         self.epoch, self._start, self._taken = 0, 0, 0
@@ -93,7 +95,7 @@ class DataStream:
                                        "lower data.batch_size or give more images") from None
                 self.epoch, self._start, self._taken, self._batches = self.epoch + 1, 0, 0, None
         self._taken += 1
-        return [c.to(self.device, non_blocking=True) for c in crops]
+        return [c.to(self.device, non_blocking=True, memory_format=self.memory_format) for c in crops]
 
     def state_dict(self) -> dict[str, Any]:
         """Plain ints, one dict per rank (any rank's gives the same position:

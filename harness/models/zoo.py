@@ -7,6 +7,29 @@ trunk maps images to one feature vector of `trunk_out_dim(arch)` channels.
 `describe` sizes a model without allocating it: the model is built under
 `torch.device("meta")` (parameters are shapes only), which lets
 `harness models` report SEER-10B's 9.3B parameters on a laptop in a second.
+
+Width-aligned variants (`*_a8`). fp16/bf16 convolutions reach the tensor
+cores when their channels per group are multiples of 8 (NVIDIA Deep
+Learning Performance Guide, "Convolutional Layers User's Guide"). pycls's
+`generate_regnet` already snaps block widths to multiples of 8, but then
+rounds each stage width to a multiple of the group width; SEER's RegNetY-
+256GF (group width 373) and SEER-10B (1010) therefore end up unaligned,
+while 8/16/32/64/128GF (group widths 56, 112, 232, 328, 264) are aligned as
+published. `aligned_spec` keeps the design rule (depth, w0, wa, wm, SE 0.25)
+and rounds the group width to the nearest multiple of 8, so every stage
+width becomes one too. Trunks at 224 px (`describe`):
+
+==================  ===========  ==========================  ========  ======  =======  ======
+preset              group width  stage widths                params M   vs     GFLOPs    vs
+==================  ===========  ==========================  ========  ======  =======  ======
+regnety_256gf       373          746, 1492, 4103, 10444       1272.16          254.37
+regnety_256gf_a8    376          752, 1504, 4136, 10528       1292.66  +1.6%   258.48  +1.6%
+seer_10b            1010         2020, 4040, 11110, 28280     9323.93         1863.28
+seer_10b_a8         1008         2016, 4032, 11088, 28224     9286.84  -0.4%  1855.91  -0.4%
+==================  ===========  ==========================  ========  ======  =======  ======
+
+Depths are unchanged (2, 7, 17, 1). Their speed-up is what
+profiling/conv_alignment.py measures per layer on a GPU.
 """
 
 from __future__ import annotations
@@ -46,7 +69,11 @@ _REGNETY: dict[str, tuple[int, int, float, float, int]] = {
     "regnety_128gf": (27, 456, 160.83, 2.52, 264),
     "regnety_256gf": (27, 640, 230.83, 2.53, 373),
     "seer_10b": (27, 1744, 620.83, 2.52, 1010),
+    # width-aligned variants (module docstring): group width rounded to a multiple of 8
+    "regnety_256gf_a8": (27, 640, 230.83, 2.53, 376),
+    "seer_10b_a8": (27, 1744, 620.83, 2.52, 1008),
 }
+ALIGN_QUANTUM = 8
 
 
 def _resnext(width_per_group: int) -> Callable[..., nn.Module]:
@@ -77,6 +104,14 @@ def preset_spec(name: str) -> RegNetSpec:
         raise ValueError(f"{name!r} is not a RegNet preset; RegNet presets: {', '.join(_REGNETY)}")
     depth, w0, wa, wm, g = _REGNETY[name]
     return RegNetSpec(depth=depth, w0=w0, wa=wa, wm=wm, group_width=g, se_ratio=0.25)
+
+
+def aligned_spec(name: str, quantum: int = ALIGN_QUANTUM) -> RegNetSpec:
+    """`name`'s RegNet design with its group width rounded to the nearest multiple of `quantum`
+    (at least `quantum`): pycls's rule then makes every stage width a multiple of it too."""
+    spec = preset_spec(name)
+    spec.group_width = max(quantum, int(round(spec.group_width / quantum)) * quantum)
+    return spec
 
 
 def _check_arch(arch: str) -> None:

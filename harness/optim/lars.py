@@ -33,26 +33,17 @@ already full norms and a sum over replicas would be wrong.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-try:  # DTensor parameters (FSDP2) are updated through their local shards
-    from torch.distributed.tensor import DTensor
-except ImportError:  # pragma: no cover - builds without distributed support
-    DTensor = None  # type: ignore[assignment,misc]
+from harness.optim.flat import FlatGroup, local
+from harness.optim.gated import select
+
 
 _GROUP_KEY = "norm_process_group"
-
-
-def _local(t: Tensor) -> Tensor:
-    """The part of `t` this rank stores: a DTensor's shard (a view, so in-place
-    updates land in the DTensor), any other tensor itself."""
-    if DTensor is not None and isinstance(t, DTensor):
-        return t.to_local()
-    return t
 
 
 def _check(name: str, value: float, low: float, *, strict: bool = False) -> None:
@@ -64,6 +55,9 @@ def _check(name: str, value: float, low: float, *, strict: bool = False) -> None
 
 class LARS(torch.optim.Optimizer):
     """SGD with momentum and a LARC-style trust ratio per parameter tensor.
+
+    The step consumes the gradients: the update direction is built in their
+    storage (no second copy of every gradient); `zero_grad` follows anyway.
 
     Args:
         params: parameters or param-group dicts. Group keys beyond the
@@ -94,6 +88,11 @@ class LARS(torch.optim.Optimizer):
         )
         self._validate(defaults)
         super().__init__(params, defaults)
+
+    # `torch.amp.GradScaler.step` then hands over `found_inf` instead of reading it on the host
+    _step_supports_amp_scaling = True
+    skip: Optional[Tensor] = None  # set by the engine: a device bool, True = change nothing
+    skipped: Optional[Tensor] = None  # after a step: the device bool it was gated on (None: not gated)
 
     @staticmethod
     def _validate(group: dict[str, Any]) -> None:
@@ -126,83 +125,147 @@ class LARS(torch.optim.Optimizer):
 
     # -- the update --------------------------------------------------------------
 
-    def _squared_norms(self, tensors: Sequence[Optional[Tensor]], process_group: Any = None) -> Tensor:
-        """Sums of squares of `tensors` (None counts as 0) in one stacked tensor.
+    def _gate(self, device: torch.device) -> Optional[Tensor]:
+        """A 0-dim bool on `device`, True when this step must change nothing: the loss scaler
+        found an inf/NaN gradient (``found_inf``, set by `torch.amp.GradScaler.step`, as for
+        torch's fused optimizers) or the training loop's verdict says skip (``skip``). None: step."""
+        flags = [t for t in (getattr(self, "found_inf", None), getattr(self, "skip", None)) if t is not None]
+        if not flags:
+            return None
+        gate = flags[0].to(device).reshape(()) != 0
+        for t in flags[1:]:
+            gate = gate | (t.to(device).reshape(()) != 0)
+        return gate
 
-        With a process group (and torch.distributed initialised) the stack is
-        all-reduced once, so per-shard sums become full-tensor sums. Every
-        tensor of the group is listed even without a gradient, so all ranks
-        issue the same collective. Accumulates in fp64, whatever the tensors'
-        dtype: half-precision tensors cannot overflow, and a norm summed over
-        shards rounds to the same fp32 trust ratio as one over the whole
-        tensor, so every backend and world size takes the same step (fp32
-        sums differ in the last bits, which SwAV amplifies within steps).
+    def _momentum_step(self, group: dict[str, Any], bufs: list[Tensor], d: list[Tensor],
+                       gate: Optional[Tensor]) -> list[Tensor]:
+        """SGD momentum on the directions `d` (consumed); returns the steps ``-lr * buf``
+        (nesterov: ``-lr * (d + m * buf)``) to add to the parameters. Under a gate the
+        momentum factor becomes 1 and the rate 0, so zeroed directions leave buffers and
+        parameters bit for bit as they were."""
+        momentum, lr = group["momentum"], group["lr"]
+        m: Any = momentum  # host numbers unless gated: a device tensor built from one would be a copy
+        neg_lr: Any = -lr
+        if gate is not None:
+            m = torch.where(gate.to(d[0].device), 1.0, momentum).to(d[0].dtype)
+            neg_lr = torch.where(gate.to(d[0].device), 0.0, -lr).to(d[0].dtype)
+        if momentum != 0:
+            torch._foreach_mul_(bufs, m)
+            torch._foreach_add_(bufs, d)
+            d = torch._foreach_add(d, torch._foreach_mul(bufs, m)) if group["nesterov"] else bufs
+        return list(torch._foreach_mul(d, neg_lr))
+
+    #: Elements per flat chunk: the step's scratch is ~20 bytes per element of one chunk (the
+    #: gradients' and parameters' copies, an fp64 square, the spread ratios and their index),
+    #: so chunks bound it (2**24: ~335 MB) while the op count grows with the model's size over
+    #: this, never with its number of tensors.
+    flat_chunk: int = 1 << 24
+
+    def _chunks(self, index: int, params: list[Tensor], live: tuple[int, ...]) -> list[FlatGroup]:
+        """The group's parameters with a gradient, in runs of at most `flat_chunk` elements
+        (a bigger tensor alone), each laid flat; built once per set of live parameters. Split by
+        global sizes, so that every rank of a sharded group issues the same collectives."""
+        cache = self.__dict__.setdefault("_flat_groups", {})
+        chunks = cache.get(index)
+        if chunks is not None and chunks[0] == live and all(c.current() for c in chunks[1]):
+            return chunks[1]
+        runs: list[list[Tensor]] = []
+        size = 0
+        for i in live:
+            n = params[i].numel()
+            if not runs or size + n > self.flat_chunk:
+                runs.append([])
+                size = 0
+            runs[-1].append(params[i])
+            size += n
+        device = local(params[0]).device
+        built = [FlatGroup(run, device) for run in runs]
+        cache[index] = (live, built)
+        return built
+
+    def _ratios(self, group: dict[str, Any], flat: FlatGroup, p: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
+        """Per parameter of the chunk: trust ratio and weight-decay factor (fp64, on the device).
+
+        Sums of squares per tensor in fp64, whatever the tensors' dtype: half-precision
+        tensors cannot overflow, and a norm summed over shards rounds to the same fp32 trust
+        ratio as one over the whole tensor, so every backend and world size takes the same
+        step (fp32 sums differ in the last bits, which SwAV amplifies within steps). With a
+        ``norm_process_group`` the chunk's [2n] sums are all-reduced at once, so per-shard
+        sums become full-tensor sums (VISSL's larc_fsdp: one collective, not one per tensor).
         """
-        present = [t for t in tensors if t is not None]
-        if not present:
-            return torch.zeros(len(tensors))
         acc = torch.float64
-        device = _local(present[0]).device
-        zero = torch.zeros((), dtype=acc, device=device)
-        sums = torch.stack([
-            zero if t is None else torch.linalg.vector_norm(_local(t), dtype=acc).square()
-            for t in tensors
-        ])
+        n = len(flat.params)
+        sq_p = torch.segment_reduce(p.to(acc, copy=True).square_(), "sum", lengths=flat.lengths, unsafe=True)
+        sq_g = torch.segment_reduce(g.to(acc, copy=True).square_(), "sum", lengths=flat.lengths, unsafe=True)
+        sums = torch.cat([sq_p, sq_g])
+        process_group = group.get(_GROUP_KEY)
         if process_group is not None and dist.is_available() and dist.is_initialized():
             dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=process_group)
-        return sums
-
-    def _trust_ratios(self, group: dict[str, Any], params: list[Tensor]) -> tuple[Tensor, Tensor]:
-        """Per-parameter scale and weight-decay factor for every tensor of the
-        group, as device tensors (no host sync); entries without a gradient are unused."""
-        n = len(params)
-        sq = self._squared_norms(params + [p.grad for p in params], group.get(_GROUP_KEY))
-        return trust_ratios(group, *sq.sqrt().split(n))
-
-    def _apply(self, key: Tensor, param: Tensor, d: Tensor, group: dict[str, Any]) -> None:
-        """SGD momentum on `d` (state kept under `key`), then ``param -= lr * d``. `param`
-        and `d` are local tensors; `key` may be a DTensor, whose buffer stays one."""
-        momentum = group["momentum"]
-        if momentum != 0:
-            state = self.state[key]
-            if state.get("momentum_buffer") is None:
-                # zeros_like keeps a DTensor a DTensor, so sharded checkpoints see it
-                state["momentum_buffer"] = torch.zeros_like(key, memory_format=torch.preserve_format)
-                _local(state["momentum_buffer"]).copy_(d)
-            else:
-                _local(state["momentum_buffer"]).mul_(momentum).add_(d)
-            buf = _local(state["momentum_buffer"])
-            d = d.add(buf, alpha=momentum) if group["nesterov"] else buf
-        param.add_(d, alpha=-group["lr"])
+        return trust_ratios(group, *sums.sqrt().split(n))
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Tensor]] = None) -> Optional[Tensor]:
+        """One update of every parameter with a gradient, as a fixed number of ops per chunk of
+        the group laid flat (`harness.optim.flat`), whatever the number of tensors, and with no
+        host synchronisation: a skipped step (see `_gate`) is decided on the device. Parameters
+        without a gradient (frozen) are left alone, momentum included."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
+        grad_scale = getattr(self, "grad_scale", None)
+        first = next((p for g in self.param_groups for p in g["params"]), None)
+        gate = self.skipped = self._gate(local(first).device) if first is not None else None
+        for index, group in enumerate(self.param_groups):
             params: list[Tensor] = list(group["params"])
-            if not params:
-                continue
             if any(p.grad is not None and p.grad.is_sparse for p in params):
                 raise RuntimeError("LARS does not support sparse gradients")
-            adapt = group.get("lars_adapt", True)
-            if adapt:  # before the no-grad check: every rank must join the collective
-                ratio, decay = self._trust_ratios(group, params)
-            wd = group["weight_decay"]
-            for i, p in enumerate(params):
-                if p.grad is None:
-                    continue
-                lp, lg = _local(p), _local(p.grad)
-                if adapt:
-                    d = lg * ratio[i].to(lg.dtype)
-                    if wd != 0:
-                        d.add_(lp * (decay[i] * ratio[i]).to(lp.dtype))
-                else:
-                    d = lg.add(lp, alpha=wd) if wd != 0 else lg
-                self._apply(p, lp, d, group)
+            live = tuple(i for i, p in enumerate(params) if p.grad is not None)
+            for flat in self._chunks(index, params, live) if live else []:
+                self._step_chunk(group, flat, gate, grad_scale)
         return loss
+
+    def _step_chunk(self, group: dict[str, Any], flat: FlatGroup, gate: Optional[Tensor],
+                    grad_scale: Optional[Tensor]) -> None:
+        g = _sanitised([flat.grads()], gate, grad_scale)[0]  # a copy: ours to overwrite
+        p = torch.cat(flat.views)
+        if group.get("lars_adapt", True):
+            ratio, decay = self._ratios(group, flat, p, g)
+        else:  # plain SGD: d = g + wd * p
+            ratio = torch.ones(len(flat.params), dtype=torch.float64, device=flat.device)
+            decay = torch.full_like(ratio, group["weight_decay"])
+        if gate is not None:
+            ratio = torch.where(gate.to(ratio.device), 0.0, ratio)
+        d = _direction(g, p, ratio, decay * ratio, flat.lengths, out=g)
+        del p
+        bufs = [flat.momentum_for(self.state, d.dtype)] if group["momentum"] != 0 else []
+        step = self._momentum_step(group, bufs, [d], gate)[0]
+        torch._foreach_add_(flat.views, step.split(flat.numels))
+
+
+def _direction(g: Tensor, p: Tensor, ratio: Tensor, decay_ratio: Tensor, lengths: Tensor,
+               out: Optional[Tensor] = None) -> Tensor:
+    """VISSL's LARC direction ``d = g * ratio + p * (decay * ratio)`` on flat vectors, the
+    per-tensor factors spread over their elements (shared with `SegmentedLARS`, so ZeRO's
+    partitions take exactly the steps of whole tensors: plain multiplies and adds, which
+    round alike wherever an element sits). `out=g` builds it in the gradient copy's place."""
+    n = p.numel()
+    r = torch.repeat_interleave(ratio.to(p.dtype), lengths, output_size=n)
+    d = g.mul_(r) if out is g else g * r
+    del r
+    d.add_(p * torch.repeat_interleave(decay_ratio.to(p.dtype), lengths, output_size=n))
+    return d
+
+
+def _sanitised(grads: list[Tensor], gate: Optional[Tensor], grad_scale: Optional[Tensor]) -> list[Tensor]:
+    """Gradients to build the step from: unscaled by `grad_scale` (a `GradScaler` that left
+    unscaling to the optimizer) and, under a set gate, zeros instead of whatever non-finite
+    values they hold (`harness.optim.gated`)."""
+    if grad_scale is not None:
+        grads = list(torch._foreach_div(grads, grad_scale.to(grads[0].device)))
+    if gate is None:
+        return grads
+    return select(gate, None, grads)
 
 
 def trust_ratios(group: dict[str, Any], p_norm: Tensor, g_norm: Tensor) -> tuple[Tensor, Tensor]:

@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from harness.optim.lars import LARS, trust_ratios
+from harness.optim.lars import LARS, _direction, _sanitised, trust_ratios
 
 
 @dataclass
@@ -109,13 +109,14 @@ class SegmentedLARS(LARS):
         super().__init__(params, lr, **kwargs)
         self.layouts: dict[int, FlatLayout] = {}
         self.frozen: set[int] = set()
-        self.skip_next = False  # a NaN/Inf step: the engine steps DeepSpeed, which must not change anything
+        self._skip_cache: dict[tuple, Tensor] = {}
 
     def attach_layouts(self, layouts: dict[int, FlatLayout]) -> None:
         """`layouts`: id(flat tensor) -> its layout."""
         self.layouts = dict(layouts)
 
-    def _factors(self, group: dict[str, Any], layout: FlatLayout, p: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
+    def _factors(self, group: dict[str, Any], layout: FlatLayout, p: Tensor, g: Tensor,
+                 gate: Optional[Tensor]) -> tuple[Tensor, Tensor]:
         """Per-parameter (ratio, decay x ratio), with a trailing entry for padding."""
         n = len(layout.params)
         owners, lengths = layout.tensors(p.device)
@@ -123,22 +124,39 @@ class SegmentedLARS(LARS):
         if group.get("lars_adapt", True):
             acc = torch.float64
             sums = torch.zeros(2 * (n + 1), dtype=acc, device=p.device)
-            sums.index_add_(0, owners, torch.segment_reduce(p.to(acc).square(), "sum", lengths=lengths))
-            sums.index_add_(0, owners + (n + 1), torch.segment_reduce(g.to(acc).square(), "sum", lengths=lengths))
+            sums.index_add_(0, owners, torch.segment_reduce(p.to(acc, copy=True).square_(), "sum", lengths=lengths,
+                                                            unsafe=True))
+            sums.index_add_(0, owners + (n + 1), torch.segment_reduce(g.to(acc, copy=True).square_(), "sum",
+                                                                    lengths=lengths, unsafe=True))
             if dist.is_available() and dist.is_initialized():
                 dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=layout.group)
             ratio, decay = trust_ratios(group, *sums.sqrt().split(n + 1))
         else:  # plain SGD: d = g + wd * p
-            ratio = torch.ones(n + 1, dtype=torch.float32, device=p.device)
+            ratio = torch.ones(n + 1, dtype=torch.float64, device=p.device)
             decay = torch.full_like(ratio, wd)
-        skip = torch.zeros(n + 1, dtype=torch.bool, device=p.device)
-        skip[n] = True
-        for i, param in enumerate(layout.params):
-            if id(param) in self.frozen:
-                skip[i] = True
+        skip = self._skipped(layout, p.device)
+        if gate is not None:
+            skip = skip | gate
         ratio = torch.where(skip, torch.zeros_like(ratio), ratio)
         decay_ratio = torch.where(skip, torch.zeros_like(ratio), decay * ratio)
         return ratio, decay_ratio
+
+    def _partition_buffers(self, flat: Tensor, group: dict[str, Any]) -> list[Tensor]:
+        """The partition's momentum buffer, created as zeros (``0 * m + d`` is exactly ``d``)."""
+        if group["momentum"] == 0:
+            return []
+        state = self.state[flat]
+        if state.get("momentum_buffer") is None:
+            state["momentum_buffer"] = torch.zeros_like(flat)
+        return [state["momentum_buffer"]]
+
+    def _skipped(self, layout: FlatLayout, device: torch.device) -> Tensor:
+        """Padding and frozen parameters of a layout, built once per set of frozen parameters."""
+        key = (id(layout), device, frozenset(self.frozen))
+        if key not in self._skip_cache:
+            mask = [id(param) in self.frozen for param in layout.params] + [True]
+            self._skip_cache[key] = torch.tensor(mask, dtype=torch.bool, device=device)
+        return self._skip_cache[key]
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Tensor]] = None) -> Optional[Tensor]:
@@ -146,8 +164,9 @@ class SegmentedLARS(LARS):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if self.skip_next:
-            return loss
+        grad_scale = getattr(self, "grad_scale", None)
+        first = next((f for g in self.param_groups for f in g["params"]), None)
+        gate = self.skipped = self._gate(first.device) if first is not None else None
         for group in self.param_groups:
             for flat in group["params"]:
                 layout = self.layouts.get(id(flat))
@@ -156,15 +175,14 @@ class SegmentedLARS(LARS):
                                        "one norm over a whole partition (call attach_layouts after deepspeed.initialize)")
                 if flat.grad is None:
                     raise RuntimeError("SegmentedLARS: a ZeRO flat partition has no gradient")
-                p, g = flat.data, flat.grad.to(flat.dtype)
+                p = flat.data
+                g = _sanitised([flat.grad.to(flat.dtype)], gate, grad_scale)[0]
                 layout.validate(p.numel())
-                ratio, decay_ratio = self._factors(group, layout, p, g)
+                ratio, decay_ratio = self._factors(group, layout, p, g, gate)
                 owners, lengths = layout.tensors(p.device)
-                r = torch.repeat_interleave(ratio[owners].to(p.dtype), lengths, output_size=p.numel())
-                d = g * r
-                d.add_(p * torch.repeat_interleave(decay_ratio[owners].to(p.dtype), lengths, output_size=p.numel()))
-                del r
                 # frozen/padding elements: d = 0 and their buffer is zero while frozen (freezing
                 # is only ever at the start of a run), so the momentum term leaves them alone
-                self._apply(flat, p, d, group)
+                d = _direction(g, p, ratio[owners], decay_ratio[owners], lengths, out=g if g is not flat.grad else None)
+                step = self._momentum_step(group, self._partition_buffers(flat, group), [d], gate)[0]
+                p.add_(step)
         return loss

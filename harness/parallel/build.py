@@ -21,6 +21,12 @@ from harness.runtime import Runtime
 from harness.ssl.swav import SwAV
 
 
+def uses_channels_last(cfg: RunConfig, rt: Runtime) -> bool:
+    """NHWC on CUDA for the replicated backends (`parallel.channels_last`); the sharded ones
+    flatten or chunk weights themselves and keep the default layout."""
+    return bool(cfg.parallel.channels_last) and rt.device.type == "cuda" and cfg.parallel.backend in ("none", "ddp")
+
+
 def build_engine(cfg: RunConfig, rt: Runtime, lr: float, num_crops: int, *,
                  dtype: torch.dtype = torch.float32) -> Engine:
     """The SwAV method of `cfg` (`num_crops` crops per image), started and wrapped for
@@ -39,6 +45,8 @@ def build_engine(cfg: RunConfig, rt: Runtime, lr: float, num_crops: int, *,
 
         ds_config = zero_config(cfg, rt)  # refusals before the model; ZeRO-3 partitions as it builds
     method, spec = start_method(lambda: SwAV.from_config(cfg, num_crops), cfg, rt, dtype, ds_config)
+    if uses_channels_last(cfg, rt):
+        method.to(memory_format=torch.channels_last)  # 4-D weights only: the trunk's convolutions
     module = parallelize(method, spec, cfg, rt)
     if backend == "deepspeed":
         from harness.parallel.zero import ZeroEngine

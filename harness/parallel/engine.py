@@ -51,13 +51,24 @@ class Engine(ABC):
         select_cpu_kernels(cfg.parallel.precision, rt.device)
 
     @abstractmethod
-    def forward_backward(self, crops: list[torch.Tensor], step: int) -> tuple[float, dict[str, float]]:
-        """One micro-batch: forward, loss / grad_accum, backward. Returns this rank's loss."""
+    def forward_backward(self, crops: list[torch.Tensor], step: int) -> tuple[torch.Tensor, dict[str, Any]]:
+        """One micro-batch: forward, loss / grad_accum, backward. Returns this rank's loss as a
+        detached device tensor: reading it would wait for the device."""
 
     @abstractmethod
-    def optimizer_step(self, step: int) -> bool:
-        """Prototype freezing, unscaling, the optimizer step, zeroing grads and
-        prototype re-normalisation. Returns False when fp16 overflow skipped it."""
+    def optimizer_step(self, step: int, skip: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Prototype freezing, unscaling, the optimizer step, zeroing grads and prototype
+        re-normalisation. `skip`: a device bool; when True nothing changes (a NaN/Inf step,
+        decided on the device). Returns a device bool: False when skipped (by `skip` or by
+        fp16 overflow)."""
+
+    def _stepped(self, skipped: Optional[torch.Tensor]) -> torch.Tensor:
+        """``~skipped`` as a device bool; a cached True when nothing could skip the step."""
+        if skipped is not None:
+            return ~skipped
+        if getattr(self, "_true", None) is None:
+            self._true = torch.ones((), dtype=torch.bool, device=self.rt.device)
+        return self._true
 
     @abstractmethod
     def set_lr(self, lr: float) -> None:
@@ -84,11 +95,6 @@ class Engine(ABC):
         """A device bool: are this rank's gradients finite? None where the backend cannot tell
         before its step (the loss check still applies)."""
         return None
-
-    @abstractmethod
-    def skip_step(self) -> None:
-        """Drop this step's gradients without touching weights, momentum or the loss scale
-        (a NaN/Inf step: every rank calls it instead of `optimizer_step`)."""
 
     def local_state_bytes(self) -> dict[str, int]:
         """Bytes of parameter, gradient and optimizer-state storage held by THIS rank.

@@ -44,7 +44,7 @@ from harness.models.init import materialize_
 from harness.optim import build_optimizer
 from harness.parallel.checkpointing import segments
 from harness.parallel.precision import Precision, check_precision_supported
-from harness.parallel.spec import ParallelSpec, drop_frozen_grads, replace_submodule, submodules
+from harness.parallel.spec import ParallelSpec, drop_frozen_grads, gated, replace_submodule, submodules
 from harness.parallel.support import FAIRSCALE_NEEDS_CUDA, backend_refusal, device_kind
 from harness.parallel.torch_engine import TorchEngine
 from harness.runtime import Runtime
@@ -173,17 +173,23 @@ class FairscaleEngine(TorchEngine):
                     self._hook_units.append((units[owner], hook, [self._clean[name]]))
         return self._clean, self._hook_units
 
-    def optimizer_step(self, step: int) -> bool:
+    def optimizer_step(self, step: int, skip: Optional[torch.Tensor] = None) -> torch.Tensor:
         params, hooks = self._units()
         drop_frozen_grads(self.spec, params, step)
         self.precision.unscale(self.optimizer)
-        stepped = self.precision.step(self.optimizer)
+        self.optimizer.skip = skip
+        try:
+            self.precision.step(self.optimizer)
+        finally:
+            self.optimizer.skip = None
+        skipped = self.optimizer.skipped
         self.optimizer.zero_grad(set_to_none=True)
         for unit, hook, hooked in hooks:
+            fn = gated(hook.fn, skipped)
             with unit.summon_full_params(recurse=False, volatile=False):
                 for p in hooked:
-                    hook.fn(p.data)
-        return stepped
+                    fn(p.data)
+        return self._stepped(skipped)
 
     def state_dict(self) -> dict[str, Any]:
         """Collective (every rank): fairscale's full state dict, gathered; optimizer state stays

@@ -14,7 +14,8 @@
 
 `parallelize` then applies, in this order for every backend, the small
 apply_* steps: SyncBN over the spec's modules, activation checkpointing of
-the spec's stages, the backend's wrapping. DeepSpeed's wrapping is
+the spec's stages, torch.compile of its blocks (train.compile,
+harness.parallel.compile), the backend's wrapping. DeepSpeed's wrapping is
 `deepspeed.initialize`, which needs the optimizer: `ZeroEngine` does it.
 Whatever the backend and world size, the initial weights equal those of the
 one-process build, bit for bit (tests/parallel/test_parallelize.py).
@@ -29,6 +30,7 @@ from torch import nn
 
 from harness.config.schema import RunConfig
 from harness.models.init import init_weights_, materialize_
+from harness.parallel.compile import apply_compile
 from harness.parallel.spec import ParallelSpec, replace_submodule, submodules
 from harness.runtime import Runtime
 
@@ -109,10 +111,12 @@ def _wrap(method: nn.Module, spec: ParallelSpec, cfg: RunConfig, rt: Runtime) ->
 
 
 def parallelize(method: nn.Module, spec: ParallelSpec, cfg: RunConfig, rt: Runtime) -> nn.Module:
-    """SyncBN -> activation checkpointing -> the backend's wrapping; returns the module to forward through."""
+    """SyncBN -> activation checkpointing -> compile -> the backend's wrapping; returns the module
+    to forward through."""
     if cfg.parallel.backend not in BACKENDS:
         raise NotImplementedError(f"parallel.backend={cfg.parallel.backend!r} is not built yet")
     apply_sync_batchnorm(method, spec, cfg, rt)
     apply_ac(method, spec, cfg)
+    apply_compile(method, spec, cfg)
     return _wrap(method, spec, cfg, rt)
 

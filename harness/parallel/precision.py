@@ -67,12 +67,12 @@ class Precision:
         """Bring gradients to their true scale before anything reads them (LARS norms do)."""
         self.scaler.unscale_(optimizer)
 
-    def step(self, optimizer: torch.optim.Optimizer) -> bool:
-        """Optimizer step unless fp16 gradients overflowed; returns whether it stepped."""
-        scale_before = self.scaler.get_scale() if self.scaler.is_enabled() else None
+    def step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Optimizer step unless fp16 gradients overflowed, decided on the device: the harness's
+        optimizers take the scaler's ``found_inf`` (``_step_supports_amp_scaling``, as torch's
+        fused ones do), so neither the step nor the scale update reads a device value."""
         self.scaler.step(optimizer)
         self.scaler.update()
-        return scale_before is None or self.scaler.get_scale() >= scale_before
 
     def state_dict(self) -> dict:
         return self.scaler.state_dict()

@@ -17,7 +17,7 @@ shards cut rows anywhere).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Optional
 
 import torch
 from torch import Tensor, nn
@@ -98,24 +98,41 @@ def _dim0_only(p: Tensor) -> bool:
     return all(isinstance(pl, Replicate) or (isinstance(pl, Shard) and pl.dim == 0) for pl in p.placements)
 
 
+def gated(fn: Callable[[Tensor], Any], skipped: Optional[Tensor]) -> Callable[[Tensor], Any]:
+    """`fn` (in place), undone where the device flag `skipped` is True: a step skipped on the
+    device must leave the parameters bit for bit as they were, and re-normalising rows that
+    are already unit rows still moves their last bits. Decided on the device: no host sync."""
+    if skipped is None:
+        return fn
+
+    def run(t: Tensor) -> None:
+        before = t.clone()
+        fn(t)
+        t.copy_(torch.where(skipped.to(t.device), before, t))
+
+    return run
+
+
 @torch.no_grad()
-def run_after_step(spec: ParallelSpec, params: Mapping[str, nn.Parameter]) -> None:
-    """Run the step hooks on full tensors or on FSDP2 DTensors (local rows when enough)."""
+def run_after_step(spec: ParallelSpec, params: Mapping[str, nn.Parameter], skipped: Optional[Tensor] = None) -> None:
+    """Run the step hooks on full tensors or on FSDP2 DTensors (local rows when enough);
+    `skipped`: a device bool, True when the optimizer step was skipped (see `gated`)."""
     for hook in spec.after_step:
+        fn = gated(hook.fn, skipped)
         for name in hook.params:
             p = params[name]
             if not hasattr(p, "device_mesh"):
-                hook.fn(p.data)
+                fn(p.data)
                 continue
             local = p.to_local()
             if hook.whole_rows and _dim0_only(p):
                 if local.numel():
-                    hook.fn(local)
+                    fn(local)
                 continue
             from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
             full = p.full_tensor()
-            hook.fn(full)
+            fn(full)
             _, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
             index = tuple(slice(o, o + n) for o, n in zip(offset, local.shape))
             local.copy_(full[index])

@@ -140,7 +140,11 @@ def is_recomputing() -> bool:
 
     The autograd engine only sets a graph task id while it executes a backward;
     the only forwards that run then are checkpoint recomputes.
+    While Dynamo traces (train.compile) only the flag is read, and Dynamo guards
+    on it: harness.parallel.compile sets it around a compiled block's recompute.
     """
+    if torch.compiler.is_compiling():
+        return _FORCED_NO_UPDATE[0] > 0
     return _FORCED_NO_UPDATE[0] > 0 or torch._C._current_graph_task_id() != -1
 
 

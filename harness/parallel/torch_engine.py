@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from harness.config.schema import RunConfig
+from harness.optim.flat import local
 from harness.parallel.engine import Engine
 from harness.parallel.precision import Precision
 from harness.parallel.spec import ParallelSpec, drop_frozen_grads, run_after_step
@@ -62,7 +63,7 @@ class TorchEngine(Engine):
         else:
             yield
 
-    def forward_backward(self, crops: list[torch.Tensor], step: int) -> tuple[float, dict[str, float]]:
+    def forward_backward(self, crops: list[torch.Tensor], step: int) -> tuple[torch.Tensor, dict[str, Any]]:
         accum = self.cfg.train.grad_accum
         self._micro += 1
         last = self._micro >= accum
@@ -72,30 +73,36 @@ class TorchEngine(Engine):
             self.precision.backward(loss / accum)
         if last:
             self._micro = 0
-        return float(loss.detach()), metrics
+        return loss.detach(), metrics
 
-    def optimizer_step(self, step: int) -> bool:
+    def optimizer_step(self, step: int, skip: Optional[torch.Tensor] = None) -> torch.Tensor:
         self._micro = 0
         drop_frozen_grads(self.spec, self._params, step)
         self.precision.unscale(self.optimizer)
-        stepped = self.precision.step(self.optimizer)
+        self.optimizer.skip = skip  # LARS gates on it (and on the scaler's found_inf) on the device
+        try:
+            self.precision.step(self.optimizer)
+        finally:
+            self.optimizer.skip = None
+        skipped = self.optimizer.skipped
         self.optimizer.zero_grad(set_to_none=True)
-        run_after_step(self.spec, self._params)
-        return stepped
+        run_after_step(self.spec, self._params, skipped)
+        return self._stepped(skipped)
 
     def grads_finite(self) -> Optional[torch.Tensor]:
-        """One fused norm over all local gradients (no host sync); fp16 leaves it to the loss scaler."""
+        """Are all local gradients finite? One multi-tensor check (torch's own loss-scaler
+        kernel, with a scale of 1: values unchanged), no host sync; fp16 leaves it to the
+        loss scaler."""
         if self.precision.scaler.is_enabled():
             return None
-        grads = [p.grad for p in self._module.parameters() if p.grad is not None]
-        grads = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
+        grads = [local(p.grad) for p in self._module.parameters() if p.grad is not None]
         if not grads:
             return None
-        return torch.stack(torch._foreach_norm(grads)).sum().isfinite()
-
-    def skip_step(self) -> None:
-        self._micro = 0
-        self.optimizer.zero_grad(set_to_none=True)
+        if getattr(self, "_one", None) is None:
+            self._one = torch.ones(1, device=grads[0].device)
+        found = torch.zeros(1, device=grads[0].device)
+        torch._amp_foreach_non_finite_check_and_unscale_(grads, found, self._one)
+        return found[0] == 0
 
     def set_lr(self, lr: float) -> None:
         from harness.optim import set_lr

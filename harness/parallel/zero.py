@@ -49,7 +49,7 @@ from harness.optim.segmented_lars import FlatLayout, SegmentedLARS, layout_from_
 from harness.parallel.ds_json import deepspeed_json_fields, enabled, fill_auto, read_deepspeed_json
 from harness.parallel.engine import Engine
 from harness.parallel.precision import check_precision_supported
-from harness.parallel.spec import ParallelSpec
+from harness.parallel.spec import ParallelSpec, gated
 from harness.parallel.support import check_deepspeed_json, device_kind
 from harness.runtime import Runtime
 
@@ -307,7 +307,6 @@ class RankSyncedGradScaler(torch.amp.GradScaler):
     def __init__(self, device: str, group: Any = None, init_scale: float = 2.0**16) -> None:
         super().__init__(device=device, init_scale=init_scale)
         self.group = group
-        self.skipped = False
 
     def unscale_(self, optimizer: torch.optim.Optimizer) -> None:
         super().unscale_(optimizer)
@@ -320,7 +319,6 @@ class RankSyncedGradScaler(torch.amp.GradScaler):
             found[key].copy_(total.to(found[key].device).expand_as(found[key]))
         if not found:
             found[total.device] = total
-        self.skipped = bool(total.item() > 0)
 
 
 # ----------------------------------------------------------------- engine
@@ -383,31 +381,39 @@ class ZeroEngine(Engine):
 
     # -- steps -----------------------------------------------------------------
 
-    def forward_backward(self, crops: list[torch.Tensor], step: int) -> tuple[float, dict[str, float]]:
+    def forward_backward(self, crops: list[torch.Tensor], step: int) -> tuple[torch.Tensor, dict[str, Any]]:
         loss, metrics = self.method.training_step(crops, step, forward=self.engine)
         self.engine.backward(loss)  # DeepSpeed divides by gradient_accumulation_steps
         self._micro += 1
         if self._micro % self.cfg.train.grad_accum:
             self.engine.step()  # not a boundary: DeepSpeed only counts the micro-step
-        return float(loss.detach()), metrics
+        return loss.detach(), metrics
 
-    def optimizer_step(self, step: int) -> bool:
+    def optimizer_step(self, step: int, skip: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """DeepSpeed's step with our optimizer gated on the device (`skip`, the scaler's found_inf):
+        DeepSpeed still does its bookkeeping (zeroes the partitions' gradients, counts the step)."""
         self.optimizer.frozen = {id(self._params[n]) for n in self.spec.frozen_at(step)}
-        if self.scaler is not None:
-            self.scaler.skipped = False
-        self.engine.step()
-        stepped = bool(self.engine.was_step_applied()) and not (self.scaler is not None and self.scaler.skipped)
+        self.optimizer.skipped = None
+        self.optimizer.skip = skip
+        try:
+            self.engine.step()
+        finally:
+            self.optimizer.skip = None
+        skipped = self.optimizer.skipped
         if self.scaler is not None and not self.engine.was_step_applied():
-            # ZeRO's own overflow check (all-reduced over ranks) fired before the scaler was
-            # consulted: under torch_autocast, DeepSpeed reduces fp16-module gradients in fp16,
-            # so scaled gradients overflow there, and the scaler would never back off by itself.
+            # ZeRO's own overflow check (all-reduced over ranks, read on the host by DeepSpeed)
+            # fired before the scaler was consulted: under torch_autocast, DeepSpeed reduces
+            # fp16-module gradients in fp16, so scaled gradients overflow there, and the scaler
+            # would never back off by itself.
             self.scaler.update(self.scaler.get_scale() * self.scaler.get_backoff_factor())
-        if stepped:
-            self.run_after_step()
-        return stepped
+            skipped = torch.ones((), dtype=torch.bool, device=self.rt.device)
+        elif skipped is None and not self.engine.was_step_applied():
+            skipped = torch.ones((), dtype=torch.bool, device=self.rt.device)
+        self.run_after_step(skipped)
+        return self._stepped(skipped)
 
     @torch.no_grad()
-    def run_after_step(self) -> None:
+    def run_after_step(self, skipped: Optional[torch.Tensor] = None) -> None:
         """The spec's step hooks on the fp32 masters AND the module's copies (collective).
 
         Flat partitions cut a parameter anywhere (rows of a prototype matrix
@@ -417,9 +423,10 @@ class ZeroEngine(Engine):
         (possibly low-precision) module copy."""
         for hook in self.spec.after_step:
             params = [self._params[n] for n in hook.params]
+            fn = gated(hook.fn, skipped)
             for p, full in zip(params, self.masters.full(params)):
                 value = full.view(self._shape(p))
-                hook.fn(value)
+                fn(value)
                 self.masters.set_full(p, full)
                 self._set_module_copy(p, value)
 
@@ -435,15 +442,6 @@ class ZeroEngine(Engine):
                     p.data.copy_(value.to(p.dtype))
         else:
             p.data.copy_(value.to(p.dtype))
-
-    def skip_step(self) -> None:
-        """DeepSpeed's step with our optimizer told to leave everything as it is: DeepSpeed still
-        does its bookkeeping (zeroes the partitions' gradients, counts the step)."""
-        self.optimizer.skip_next = True
-        try:
-            self.engine.step()
-        finally:
-            self.optimizer.skip_next = False
 
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:

@@ -45,7 +45,11 @@ such collectives use every NIC of the node at once: nccl-tests issue 119 and
 NCCL issue 1048 (8x A100 with 4x HDR) measure 85-96 GB/s against the
 100 GB/s of all four NICs, i.e. about 0.9 of the node's aggregate NIC rate.
 Groups holding one rank per node (HSDP replicas) get one NIC each, hence
-`inter_node_gbps / gpus_per_node` (timing.py applies this).
+`inter_node_gbps / gpus_per_node` (timing.py applies this). Latencies are
+not a per-device number any more: collectives.py takes NCCL's own per-hop
+latencies for the profile's `link` (nvlink, pci), keyed by the GPU's
+`compute_capability` where NCCL's tuner is; `latency_us` is the latency of
+one ring step only on `link: gloo` (the CPU profile).
 """
 
 from __future__ import annotations
@@ -83,7 +87,7 @@ class DeviceProfile:
     gpus_per_node: int
     intra_node_gbps: float  # bus bandwidth of ring collectives inside a node
     inter_node_gbps: float  # bus bandwidth of collectives spanning whole nodes
-    latency_us: float  # per-collective latency inside a node (alpha)
+    latency_us: float  # gloo ring step latency (link "gloo"); NCCL links use collectives.py's tables
     efficiency: float  # achieved fraction of the mixed-precision peak (calibrated)
     source: str
     fp32_efficiency: Optional[float] = None  # fraction of the fp32 peak; None: same as `efficiency`
@@ -91,6 +95,8 @@ class DeviceProfile:
     pcie_gbps: float = 20.0  # host<->device copies (cpu_offload)
     op_us: float = 0.0  # host time per dispatched forward/backward op: a floor under compute (0: none)
     optimizer_op_us: float = 0.0  # the same for the optimizer's per-tensor ops
+    link: str = "nvlink"  # what connects a node's GPUs for NCCL: nvlink | pci; gloo: CPU ranks
+    compute_capability: float = 8.0  # NCCL's tuner keys LL caps and the ring plateau by it
 
     def efficiency_for(self, precision: str) -> float:
         """`efficiency` for fp16/bf16; fp32 runs on other units (V100: CUDA cores)."""
@@ -170,7 +176,7 @@ _BUILTIN: dict[str, DeviceProfile] = {
     "v100-32gb": DeviceProfile(
         name="V100-32GB", memory_bytes=_mib(32510),
         peak_tflops={"fp32": 15.7, "fp16": 125.0}, hbm_gbps=900.0, gpus_per_node=8,
-        intra_node_gbps=120.0, inter_node_gbps=40.0, latency_us=15.0,
+        intra_node_gbps=120.0, inter_node_gbps=40.0, latency_us=15.0, compute_capability=7.0,
         efficiency=V100_EFFICIENCY, fp32_efficiency=V100_FP32_EFFICIENCY,
         host_gbps=15.0, pcie_gbps=12.0,
         op_us=GPU_OP_US, optimizer_op_us=GPU_OPTIMIZER_OP_US,
@@ -204,7 +210,7 @@ _BUILTIN: dict[str, DeviceProfile] = {
     "h100-80gb": DeviceProfile(
         name="H100-80GB", memory_bytes=_mib(81559),
         peak_tflops={"fp32": 494.5, "fp16": 989.0, "bf16": 989.0}, hbm_gbps=3350.0, gpus_per_node=8,
-        intra_node_gbps=370.0, inter_node_gbps=340.0, latency_us=10.0,
+        intra_node_gbps=370.0, inter_node_gbps=340.0, latency_us=10.0, compute_capability=9.0,
         efficiency=H100_EFFICIENCY, fp32_efficiency=H100_FP32_EFFICIENCY, host_gbps=30.0, pcie_gbps=40.0,
         op_us=GPU_OP_US, optimizer_op_us=GPU_OPTIMIZER_OP_US,
         source=(f"H100-SXM5 datasheet (dense: TF32 494.5, fp16/bf16 989; 3.35 TB/s); 81559 MiB seen by "
@@ -217,7 +223,7 @@ _BUILTIN: dict[str, DeviceProfile] = {
     "h200-141gb": DeviceProfile(
         name="H200-141GB", memory_bytes=_mib(143771),
         peak_tflops={"fp32": 494.5, "fp16": 989.0, "bf16": 989.0}, hbm_gbps=4800.0, gpus_per_node=8,
-        intra_node_gbps=370.0, inter_node_gbps=340.0, latency_us=10.0,
+        intra_node_gbps=370.0, inter_node_gbps=340.0, latency_us=10.0, compute_capability=9.0,
         efficiency=H100_EFFICIENCY, fp32_efficiency=H100_FP32_EFFICIENCY, host_gbps=30.0, pcie_gbps=40.0,
         op_us=GPU_OP_US, optimizer_op_us=GPU_OPTIMIZER_OP_US,
         source=(f"H200 datasheet (H100 compute, 141 GB HBM3e at 4.8 TB/s); 143771 MiB seen by nvidia-smi on "
@@ -230,7 +236,7 @@ _BUILTIN: dict[str, DeviceProfile] = {
         if hasattr(os, "sysconf") else 16 * GIB,
         peak_tflops={"fp32": CPU_CORES * CPU_CORE_GFLOPS / 1e3, "bf16": CPU_CORES * CPU_CORE_GFLOPS / 1e3,
                      "fp16": CPU_CORES * CPU_CORE_GFLOPS / 2e3},
-        hbm_gbps=20.0, gpus_per_node=1, intra_node_gbps=5.0, inter_node_gbps=1.2, latency_us=100.0,
+        hbm_gbps=20.0, gpus_per_node=1, intra_node_gbps=5.0, inter_node_gbps=1.2, latency_us=100.0, link="gloo",
         efficiency=CPU_EFFICIENCY, host_gbps=20.0, pcie_gbps=20.0,
         source=(f"this host: {CPU_CORES} usable cores x {CPU_CORE_GFLOPS:.0f} GFLOP/s (AVX-512 FMA, "
                 f"2 GHz x 32 fp32 FLOP/cycle); all RAM. Efficiency {CPU_EFFICIENCY} MEASURED on this "
@@ -251,6 +257,11 @@ def _canonical(name: str) -> str:
     """'NVIDIA A100-SXM4-40GB' -> 'a100-40gb'; 'H100 80GB HBM3' -> 'h100-80gb'."""
     words = _STRIP.sub(" ", name.lower().replace("_", " ").replace("-", " "))
     return "-".join(words.split())
+
+
+def profile_key(device: DeviceProfile) -> str:
+    """The profile's file-name key: 'H100-80GB' -> 'h100-80gb' (measurement files are named by it)."""
+    return _canonical(device.name)
 
 
 def _lookup(name: str) -> Optional[DeviceProfile]:
@@ -285,7 +296,9 @@ def get_device(name_or_path: Union[str, Path]) -> DeviceProfile:
 
 _REQUIRED = ("name", "peak_tflops", "hbm_gbps", "gpus_per_node", "intra_node_gbps",
              "inter_node_gbps", "latency_us", "efficiency")
-_OPTIONAL = ("source", "fp32_efficiency", "host_gbps", "pcie_gbps", "op_us", "optimizer_op_us")
+_OPTIONAL = ("source", "fp32_efficiency", "host_gbps", "pcie_gbps", "op_us", "optimizer_op_us", "link",
+             "compute_capability")
+LINKS = ("nvlink", "pci", "gloo")
 _MEMORY_KEYS = ("memory_bytes", "memory_gib")
 _KEYS = _REQUIRED + _MEMORY_KEYS + _OPTIONAL
 
@@ -341,6 +354,13 @@ def device_from_dict(data: dict[str, Any], where: str = "device profile") -> Dev
             optional[key] = _number(data, key, where)
     if data.get("fp32_efficiency") is not None:
         optional["fp32_efficiency"] = _number(data, "fp32_efficiency", where, at_most=1.0)
+    if "compute_capability" in data:
+        optional["compute_capability"] = _number(data, "compute_capability", where)
+    if "link" in data:
+        if data["link"] not in LINKS:
+            raise ValueError(f"{where}: link must be one of {', '.join(LINKS)} (what connects a node's GPUs: "
+                             f"nvlink, pci; gloo for CPU ranks), got {data['link']!r}")
+        optional["link"] = data["link"]
     return DeviceProfile(
         name=data["name"].strip(), memory_bytes=memory, peak_tflops=_peaks(data["peak_tflops"], where),
         hbm_gbps=_number(data, "hbm_gbps", where),

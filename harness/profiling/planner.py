@@ -46,29 +46,37 @@ BACKENDS: tuple[Strategy, ...] = (
 )
 
 
+#: Scratch of the flat LARS step per element of its largest chunk (harness.optim.lars): the
+#: gradients' copy (4), the parameters' copy (4), and, while a per-tensor factor is spread over
+#: the elements, `repeat_interleave`'s int64 index (8) and its fp32 output (4). The fp64
+#: squares for the norms (8, one at a time) come earlier, below that.
+LARS_STEP_BYTES = 20
+
+
 def optimizer_temporaries(cfg: RunConfig, strategy: Strategy, world: int) -> int:
-    """Scratch of one optimizer step. LARS works tensor by tensor (the update and the
-    decay term, plus an fp64 copy for the norm). Under ZeRO, fitted to deepspeed 0.19.8
-    runs measured at 1, 2 and 4 ranks (profiling/memory_accuracy.py): stage 1/2 hold the
-    fp32 gradient partition handed to the optimizer plus SegmentedLARS's four
-    partition-sized temporaries (expanded ratio, update, expanded decay, decay term);
-    stage 3 the same five partitions, plus one whole copy of the parameters at world size 1
-    (measured: 6P there, 5.1-5.3 partitions at 2 ranks)."""
+    """Scratch of one optimizer step. LARS works on the parameter groups laid flat in chunks of
+    at most `LARS.flat_chunk` elements (a bigger tensor alone), LARS_STEP_BYTES per element of
+    the largest chunk; sharded backends hold 1/N of it. Under ZeRO, SegmentedLARS works on
+    each flat partition in place, so it needs no parameter copy: LARS_STEP_BYTES - 4 per
+    partition element (the gradient's copy, the spread ratio and its index); stage 3 adds one
+    whole copy of the parameters at world size 1 (measured on deepspeed 0.19.8; 16 B per
+    partition element measured at 2 ranks for stages 1 and 2, as derived)."""
+    from harness.optim.lars import LARS
     from harness.profiling.memory_model import _ds_config, _zero_weight_bytes
 
     s = shapes(apply_strategy(cfg, strategy))
     if strategy.backend == "deepspeed":
         part = -(-s.params // world)
-        scratch = 0 if strategy.cpu_offload else 5 * part * FP32
+        scratch = 0 if strategy.cpu_offload else part * (LARS_STEP_BYTES - FP32)
         if strategy.zero_stage == 3 and world == 1:
             return scratch + s.params * _zero_weight_bytes(_ds_config(apply_strategy(cfg, strategy), world))
         return scratch
     if strategy.cpu_offload:
         return 0
-    largest = max(n for n, _ in s.tensors)
+    chunk = min(max(LARS.flat_chunk, max(n for n, _ in s.tensors)), s.params)
     if strategy.backend in ("fsdp2", "fairscale"):
-        largest = -(-largest // (strategy.shard_group_size or world))
-    return largest * (2 * FP32 + FP64)
+        chunk = -(-chunk // (strategy.shard_group_size or world))
+    return chunk * LARS_STEP_BYTES
 
 
 def predict_memory(cfg: RunConfig, strategy: Strategy, world: int) -> MemoryBreakdown:

@@ -14,27 +14,38 @@ The model, per rank and optimizer step (A = grad_accum micro-batches):
 * Compute time = FLOPs / (peak[precision] x device efficiency), where the
   efficiency is calibrated on published RegNet/conv-net training speed
   (devices.py), so it already contains the non-matmul work.
-* Communication: every collective costs alpha + bytes / bus bandwidth (the
-  nccl-tests convention: a ring all-reduce moves 2(n-1)/n of the payload per
-  rank, all-gather and reduce-scatter (n-1)/n). alpha = device latency x
-  (1 + log2(nodes spanned)), NCCL's trees growing logarithmically. A group
-  inside one node uses `intra_node_gbps`; one spanning nodes uses
-  `inter_node_gbps` scaled by the share of each node's GPUs in the group
-  (HSDP replica groups hold one rank per node, so they get one NIC each).
-  Concurrent collectives are assumed not to slow each other down.
+* Compute of unaligned convolutions: in fp16/bf16, layers whose channels per
+  group are not multiples of 8 run at the efficiency measured for their shape
+  relative to its aligned twin (alignment.py, from profiling/conv_alignment.py's
+  JSON for this device); unmeasured devices keep factor 1.0.
+* Communication: each call costs what NCCL's own tuner predicts for the
+  algorithm and protocol it would pick (collectives.py, from NCCL's
+  src/graph/tuning.cc): all-gather and reduce-scatter are rings whose latency
+  grows by one hop per rank; an all-reduce is the faster of a ring (2(n-1)
+  hops) and a tree (2 log2(nodes) network hops); the payload moves at the
+  bus bandwidth (nccl-tests convention). A group inside one node has
+  `intra_node_gbps`; one spanning nodes gets `inter_node_gbps` scaled by the
+  share of each node's GPUs in the group (HSDP replica groups hold one rank
+  per node, so they get one NIC each). Calls: DDP and ZeRO reduce 25 MB
+  buckets; FSDP2/fairscale gather and reduce-scatter one call per unit, ZeRO-3
+  gathers one per module (`unit_gathers`). Concurrent collectives are
+  assumed not to slow each other down.
 * Overlap. Gradient reduction (DDP buckets, FSDP reduce-scatter) runs during
   backward and parameter all-gathers are prefetched during forward/backward;
-  only what exceeds OVERLAP (0.8) of that compute is exposed. DDP reduces once
-  per step (no_sync), so only the last micro-batch's backward hides it.
+  only what exceeds OVERLAP (0.8) of that phase's time is exposed (compute or
+  host floor, whichever binds: the communication stream runs meanwhile).
+  DDP reduces once per step (no_sync), so only the last micro-batch's
+  backward hides it.
   The harness configures DeepSpeed with overlap_comm=False, so ZeRO's
   gradient reduce-scatter and its post-step parameter all-gather are fully
-  exposed (ZeRO-3's parameter prefetch still overlaps). SyncBN and Sinkhorn
-  collectives sit on the critical path: always exposed.
+  exposed (ZeRO-3's parameter prefetch still overlaps). SyncBN, Sinkhorn and
+  the step verdict (one 32-byte all-reduce per step) sit on the critical
+  path: always exposed.
 * SyncBN (torch's SyncBatchNorm on CUDA): per BN layer, per resolution group,
   per micro-batch, the forward all-gathers (2C+1) fp32 stats from every rank
   of its group (again on each checkpoint recompute) and the backward
-  all-reduces 2C fp32 sums. Sinkhorn: per assigned crop and prototype head,
-  2 + iterations all-reduces over all ranks (K sums each).
+  all-reduces 2C fp32 sums. Sinkhorn: per prototype head, 2 + iterations
+  all-reduces over all ranks (K sums per assigned crop each).
 * Optimizer: OPT_BYTES_PER_PARAM bytes of HBM traffic per locally updated
   parameter (sharded backends update 1/N of them). With cpu_offload the update
   runs at the host bandwidth share of one GPU (`host_gbps`) and parameters and
@@ -45,7 +56,8 @@ The model, per rank and optimizer step (A = grad_accum micro-batches):
   the device's `op_us` (optimizer: `optimizer_op_us`, per-tensor ops).
   Op counts: the trunk's forward ops counted on meta per resolution group
   (`trunk_ops`), times the ratios of a real step's dispatched ops to that
-  count (FORWARD_OPS, BACKWARD_OPS, RECOMPUTE_OPS; OPTIMIZER_OPS_PER_TENSOR).
+  count (FORWARD_OPS, BACKWARD_OPS, RECOMPUTE_OPS); the optimizer's are
+  OPTIMIZER_OPS plus OPTIMIZER_VIEWS_PER_TENSOR per parameter tensor.
   The sharded backends add host time per unit gather (`unit_gathers` x
   UNSHARD_OPS op equivalents, once per trunk pass in forward and again in
   backward): on one H100 their steps took 1.3-3.4x ZeRO-2's.
@@ -76,6 +88,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
+from harness.profiling import alignment
+from harness.profiling.collectives import Choice, Fabric, fastest
 from harness.profiling.devices import DeviceProfile, supports
 from harness.profiling.records import Strategy, TimeBreakdown, apply_strategy
 
@@ -90,8 +104,14 @@ STAT_BYTES = 4  # SyncBN statistics are fp32 even under autocast
 #: A real step's dispatched ops per trunk forward op counted on meta (no autocast, batch 1),
 #: counted on CPU under bf16 autocast, backend none, SEER crops: forward 1.96 (RegNetY-8GF) /
 #: 1.91 (32GF), backward 2.40 / 2.37, backward with every block checkpointed 6.52 / 6.49 (the
-#: recompute adds 4.1); optimizer (LARS, momentum) 16.0 ops per parameter tensor for both.
-FORWARD_OPS, BACKWARD_OPS, RECOMPUTE_OPS, OPTIMIZER_OPS_PER_TENSOR = 1.95, 2.4, 4.1, 16.0
+#: recompute adds 4.1).
+FORWARD_OPS, BACKWARD_OPS, RECOMPUTE_OPS = 1.95, 2.4, 4.1
+#: The optimizer step (LARS on each parameter group laid flat, harness.optim.flat): a fixed
+#: number of ops plus one view of each gradient, whatever the model. Counted with
+#: harness.profiling.ops.count_ops on RegNetY-200MF (189 tensors): 61 kernels + 195 views with
+#: one parameter group, 91 + 197 with two (optim.lars.exclude_bn_bias). The per-tensor LARS
+#: it replaced dispatched 16.0 ops per tensor (3,024 for 200MF, 3,899 for 8GF).
+OPTIMIZER_OPS, OPTIMIZER_VIEWS_PER_TENSOR = 91.0, 1.03
 #: Host cost of one gather of a sharded unit (FSDP2/fairscale unit, ZeRO-3 module), in
 #: dispatched-op equivalents (x the device's op_us): each unit is gathered once per trunk
 #: pass in forward and again in backward. Fitted to the step times measured on one H100
@@ -255,15 +275,21 @@ def train_flops(cfg: Any, work: Optional[StepWork] = None) -> float:
 
 @dataclass(frozen=True)
 class Collective:
-    """Bytes one rank moves (bus convention) for one kind of collective in one step."""
+    """One kind of collective in one step: `calls` launches moving `payload` bytes in all."""
 
     kind: str  # all_reduce | all_gather | reduce_scatter
-    bytes: float
+    payload: float  # summed over calls: the all-reduce buffer, the all-gather output, the reduce-scatter input
     group: int  # ranks in the group
-    calls: int  # how many launches (latency)
+    calls: int  # how many launches (each pays the algorithm's latency)
     phase: str  # forward | backward (overlappable) | blocking
     per_micro: bool = True  # repeats every micro-batch (else once per step, in the last one)
     stride: int = 1  # rank distance inside the group (HSDP replicas: shard group size)
+
+    @property
+    def bytes(self) -> float:
+        """Bytes each rank moves, nccl-tests' bus convention: 2(n-1)/n of an all-reduce, (n-1)/n else."""
+        share = (self.group - 1) / self.group if self.group > 1 else 0.0
+        return self.payload * share * (2 if self.kind == "all_reduce" else 1)
 
 
 def _wire_bytes(strategy: Strategy) -> tuple[int, int]:
@@ -277,16 +303,17 @@ def _wire_bytes(strategy: Strategy) -> tuple[int, int]:
     return 4, 4  # ddp: fp32 grads of fp32 parameters
 
 
-def _ring(n: int) -> float:
-    return (n - 1) / n
-
-
 def _calls(nbytes: float) -> int:
     return max(1, math.ceil(nbytes / BUCKET_BYTES))
 
 
-def collectives(strategy: Strategy, params: int, world_size: int) -> list[Collective]:
-    """The parameter/gradient collectives of one optimizer step (no SyncBN, no Sinkhorn)."""
+def collectives(strategy: Strategy, params: int, world_size: int, units: int = 0) -> list[Collective]:
+    """The parameter/gradient collectives of one optimizer step (no SyncBN, no Sinkhorn).
+
+    `units`: sharded units gathered per pass (`unit_gathers`): FSDP2/fairscale gather and
+    reduce-scatter each unit in its own call, ZeRO-3 gathers per module; 0 counts 25 MB
+    buckets instead. DDP and ZeRO's reduce-scatters always go by buckets.
+    """
     n, accum = world_size, strategy.grad_accum
     if n <= 1 or strategy.backend == "none":
         return []
@@ -294,29 +321,30 @@ def collectives(strategy: Strategy, params: int, world_size: int) -> list[Collec
     P = float(params)
     backend = strategy.backend
     if backend == "ddp":
-        return [Collective("all_reduce", 2 * _ring(n) * P * gb, n, _calls(P * gb), "backward", per_micro=False)]
+        return [Collective("all_reduce", P * gb, n, _calls(P * gb), "backward", per_micro=False)]
     if backend in ("fsdp2", "fairscale"):
         s = strategy.shard_group_size if backend == "fsdp2" and 0 < strategy.shard_group_size < n else n
-        gather = _ring(s) * P * pb
-        out = [Collective("all_gather", accum * gather, s, accum * _calls(P * pb), "forward")]
+        gathers, scatters = (units, units) if units else (_calls(P * pb), _calls(P * gb))
+        out = [Collective("all_gather", accum * P * pb, s, accum * gathers, "forward")]
         if strategy.reshard_after_forward:
-            out.append(Collective("all_gather", accum * gather, s, accum * _calls(P * pb), "backward"))
-        out.append(Collective("reduce_scatter", _ring(s) * P * gb, s, _calls(P * gb), "backward", per_micro=False))
+            out.append(Collective("all_gather", accum * P * pb, s, accum * gathers, "backward"))
+        out.append(Collective("reduce_scatter", P * gb, s, scatters, "backward", per_micro=False))
         replicas = n // s
         if replicas > 1:
-            out.append(Collective("all_reduce", 2 * _ring(replicas) * P / s * gb, replicas,
-                                  _calls(P / s * gb), "backward", per_micro=False, stride=s))
+            out.append(Collective("all_reduce", P / s * gb, replicas, _calls(P / s * gb), "backward",
+                                  per_micro=False, stride=s))
         return out
     if backend == "deepspeed":
         stage = strategy.zero_stage
         reduces = accum if stage >= 2 else 1  # ZeRO-2/3 reduce every micro-batch, ZeRO-1 at the boundary
-        out = [Collective("reduce_scatter", reduces * _ring(n) * P * gb, n, reduces * _calls(P * gb),
-                          "blocking", per_micro=stage >= 2)]
+        out = [Collective("reduce_scatter", reduces * P * gb, n, reduces * _calls(P * gb), "blocking",
+                          per_micro=stage >= 2)]
         if stage == 3:
-            out += [Collective("all_gather", accum * _ring(n) * P * pb, n, accum * _calls(P * pb), phase)
+            gathers = units or _calls(P * pb)
+            out += [Collective("all_gather", accum * P * pb, n, accum * gathers, phase)
                     for phase in ("forward", "backward")]
         else:
-            out.append(Collective("all_gather", _ring(n) * P * pb, n, _calls(P * pb), "blocking", per_micro=False))
+            out.append(Collective("all_gather", P * pb, n, _calls(P * pb), "blocking", per_micro=False))
         return out
     raise ValueError(f"unknown backend {backend!r}: expected none, ddp, fsdp2, deepspeed or fairscale")
 
@@ -336,9 +364,14 @@ def _syncbn_group(strategy: Strategy, world_size: int, device: DeviceProfile) ->
     return world_size if size <= 0 else min(size, world_size)
 
 
+#: The per-step verdict (harness.train.faults.step_verdict): one all-reduce of 4 fp64 over all ranks.
+VERDICT_BYTES = 4 * 8
+
+
 def _small_collectives(cfg: Any, strategy: Strategy, work: StepWork, world_size: int,
                        device: DeviceProfile) -> list[Collective]:
-    """SyncBN statistics and Sinkhorn marginals: small, latency-bound, on the critical path."""
+    """SyncBN statistics, Sinkhorn marginals and the step verdict: small, latency-bound, on the
+    critical path (NCCL runs such all-reduces as trees at scale: collectives.fastest)."""
     if world_size <= 1 or strategy.backend == "none":
         return []
     out: list[Collective] = []
@@ -348,29 +381,39 @@ def _small_collectives(cfg: Any, strategy: Strategy, work: StepWork, world_size:
         passes, channels = work.bn_passes, work.bn_pass_channels
         if strategy.activation_checkpointing:
             passes, channels = passes + work.bn_recompute_passes, channels + work.bn_recompute_channels
-        out.append(Collective("all_gather", accum * (g - 1) * (2 * channels + passes) * STAT_BYTES, g,
+        out.append(Collective("all_gather", accum * g * (2 * channels + passes) * STAT_BYTES, g,
                               accum * passes, "blocking"))
-        out.append(Collective("all_reduce", accum * 2 * _ring(g) * 2 * work.bn_pass_channels * STAT_BYTES, g,
+        out.append(Collective("all_reduce", accum * 2 * work.bn_pass_channels * STAT_BYTES, g,
                               accum * work.bn_passes, "blocking"))
     swav = cfg.swav
     k_bytes = sum(swav.num_prototypes) * (8 if swav.sinkhorn_fp64 else 4)
-    calls = len(swav.crops_for_assign) * len(swav.num_prototypes) * (2 + swav.sinkhorn_iterations)
+    # one Sinkhorn per prototype head for all assigned crops at once (harness.ssl.swav.sinkhorn):
+    # a MAX and a SUM all-reduce, then one per iteration carrying every crop's K sums
+    calls = len(swav.num_prototypes) * (2 + swav.sinkhorn_iterations)
     per_iter = len(swav.crops_for_assign) * swav.sinkhorn_iterations * k_bytes
-    out.append(Collective("all_reduce", accum * 2 * _ring(world_size) * per_iter, world_size,
-                          accum * calls, "blocking"))
+    out.append(Collective("all_reduce", accum * per_iter, world_size, accum * calls, "blocking"))
+    out.append(Collective("all_reduce", VERDICT_BYTES, world_size, 1, "blocking", per_micro=False))
     return out
 
 
-def _seconds(c: Collective, device: DeviceProfile) -> float:
+def fabric(c: Collective, device: DeviceProfile) -> Fabric:
+    """The ranks of `c`'s group as NCCL sees them: nodes spanned and the bus bandwidth they reach.
+    A group inside one node gets `intra_node_gbps`; one spanning nodes gets `inter_node_gbps`
+    scaled by the share of each node's GPUs in it (HSDP replicas: one NIC each)."""
     node = device.gpus_per_node
     per_node = min(c.group, max(1, node // c.stride))  # ranks of the group sharing a node
     nodes = math.ceil(c.group / per_node)
-    if nodes <= 1:
-        bandwidth = device.intra_node_gbps
-    else:
-        bandwidth = min(device.intra_node_gbps, device.inter_node_gbps * per_node / node)
-    alpha = device.latency_us * 1e-6 * (1 + math.log2(nodes))
-    return c.calls * alpha + c.bytes / (bandwidth * 1e9)
+    bus = device.intra_node_gbps if nodes <= 1 else min(device.intra_node_gbps,
+                                                         device.inter_node_gbps * per_node / node)
+    return Fabric(ranks=c.group, nodes=nodes, bus_gbps=bus, link=device.link,
+                  compute_capability=device.compute_capability, hop_us=device.latency_us)
+
+
+def _seconds(c: Collective, device: DeviceProfile) -> float:
+    """`calls` launches of the mean size, each as NCCL's tuner would run it."""
+    if c.calls <= 0 or c.group <= 1:
+        return 0.0
+    return c.calls * fastest(c.kind, c.payload / c.calls, fabric(c, device)).seconds
 
 
 # ------------------------------------------------------------------ time
@@ -399,6 +442,18 @@ def unit_gathers(cfg: Any, strategy: Strategy, work: StepWork) -> tuple[str, int
     return "", 0
 
 
+def step_collectives(cfg: Any, strategy: Strategy, device: DeviceProfile,
+                     world_size: int) -> list[tuple[Collective, Choice, float]]:
+    """Every collective of one step with NCCL's choice for one call and the seconds of all calls
+    (before overlap): what `predict_time` charges, for reports."""
+    run = apply_strategy(cfg, strategy)
+    work = step_work(run)
+    _, units = unit_gathers(run, strategy, work)
+    comm = collectives(strategy, work.params, world_size, units) + _small_collectives(run, strategy, work,
+                                                                                     world_size, device)
+    return [(c, fastest(c.kind, c.payload / c.calls, fabric(c, device)), _seconds(c, device)) for c in comm]
+
+
 def predict_time(cfg: Any, strategy: Strategy, device: DeviceProfile, world_size: int) -> TimeBreakdown:
     """Seconds per optimizer step on one rank of `world_size` running `strategy` on `device`."""
     precision = strategy.precision
@@ -413,20 +468,17 @@ def predict_time(cfg: Any, strategy: Strategy, device: DeviceProfile, world_size
     peak = device.peak_tflops[precision] * 1e12
     rate = peak * device.efficiency_for(precision)
     recompute = work.recompute_flops if strategy.activation_checkpointing else 0.0
-    forward = accum * work.forward_flops / rate
-    backward = accum * (2 * work.forward_flops + recompute) / rate
+    recomputed = recompute / work.trunk_forward_flops if work.trunk_forward_flops else 0.0
+    # unaligned fp16/bf16 convs at their measured speed (alignment.py; none measured: 0)
+    slow = run.data.batch_size * alignment.extra_flops_per_image(run, precision, alignment.factors_for(device))
+    if slow and work.trunk_forward_flops:
+        recompute *= 1 + slow / work.trunk_forward_flops
+    forward = accum * (work.forward_flops + slow) / rate
+    backward = accum * (2 * (work.forward_flops + slow) + recompute) / rate
 
-    comm = collectives(strategy, work.params, world_size) + _small_collectives(run, strategy, work,
-                                                                              world_size, device)
-    spent = {(p, m): 0.0 for p in ("forward", "backward", "blocking") for m in (True, False)}
-    for c in comm:
-        spent[(c.phase, c.per_micro)] += _seconds(c, device)
-    exposed = spent[("blocking", True)] + spent[("blocking", False)]
-    for phase, compute in (("forward", forward), ("backward", backward)):
-        every, once = spent[(phase, True)], spent[(phase, False)]
-        # hidden behind the whole phase, and what the last micro-batch alone must hide
-        exposed += max(0.0, every + once - OVERLAP * compute, every / accum + once - OVERLAP * compute / accum)
-
+    kind, units = unit_gathers(run, strategy, work)
+    comm = collectives(strategy, work.params, world_size, units) + _small_collectives(run, strategy, work,
+                                                                                     world_size, device)
     local = _local_params(strategy, work.params, world_size)
     if strategy.cpu_offload:
         optimizer = local * (OPT_BYTES_PER_PARAM / (device.host_gbps * 1e9) + 8 / (device.pcie_gbps * 1e9))
@@ -434,14 +486,23 @@ def predict_time(cfg: Any, strategy: Strategy, device: DeviceProfile, world_size
         optimizer = local * OPT_BYTES_PER_PARAM / (device.hbm_gbps * 1e9)
 
     if device.op_us:  # host floor (module docstring)
-        recomputed = recompute / work.trunk_forward_flops if work.trunk_forward_flops else 0.0
         host = accum * work.trunk_ops * device.op_us * 1e-6
-        kind, units = unit_gathers(run, strategy, work)
         gathers = accum * units * len(_resolution_groups(run)) * UNSHARD_OPS.get(kind, 0.0) * device.op_us * 1e-6
         forward = max(forward, FORWARD_OPS * host + gathers)
         backward = max(backward, (BACKWARD_OPS + RECOMPUTE_OPS * recomputed) * host + gathers)
     if device.optimizer_op_us:
-        optimizer = max(optimizer, OPTIMIZER_OPS_PER_TENSOR * work.param_tensors * device.optimizer_op_us * 1e-6)
+        optimizer_ops = OPTIMIZER_OPS + OPTIMIZER_VIEWS_PER_TENSOR * work.param_tensors
+        optimizer = max(optimizer, optimizer_ops * device.optimizer_op_us * 1e-6)
+
+    # communication streams run beside the phase, however long the host keeps it busy
+    spent = {(p, m): 0.0 for p in ("forward", "backward", "blocking") for m in (True, False)}
+    for c in comm:
+        spent[(c.phase, c.per_micro)] += _seconds(c, device)
+    exposed = spent[("blocking", True)] + spent[("blocking", False)]
+    for phase, busy in (("forward", forward), ("backward", backward)):
+        every, once = spent[(phase, True)], spent[(phase, False)]
+        # hidden behind the whole phase, and what the last micro-batch alone must hide
+        exposed += max(0.0, every + once - OVERLAP * busy, every / accum + once - OVERLAP * busy / accum)
     step = forward + backward + optimizer + exposed
     images = strategy.micro_batch * accum
     return TimeBreakdown(step=step, forward=forward, backward=backward, optimizer=optimizer,

@@ -7,9 +7,11 @@ one all-reduce (`StepVerdict`), writes a checkpoint and exits 0.
 `train.time_limit` raises the same flag after a wall-clock time.
 
 Bad steps: a NaN or Inf in the loss (any rank) or in the gradients skips the
-optimizer step on every rank and restores the buffers its forward changed; the first one dumps that batch's scores and
-assignments for a post-mortem, and `train.max_bad_steps` consecutive ones
-stop the run without writing a checkpoint, so the last good one is intact.
+optimizer step on every rank and restores the buffers its forward changed,
+both decided on the device (no host synchronisation); the host learns of it
+one step later, dumps the first bad batch's scores and assignments for a
+post-mortem, and `train.max_bad_steps` consecutive ones stop the run without
+writing a checkpoint, so the last good one is intact.
 """
 
 from __future__ import annotations
@@ -23,6 +25,9 @@ from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
+from torch import Tensor
+
+from harness.optim.gated import copy_finite, select_into
 
 from harness.runtime import Runtime
 
@@ -58,26 +63,72 @@ class StopRequest:
 @dataclass
 class Verdict:
     loss: float  # mean over ranks
-    bad: bool  # some rank saw a NaN/Inf loss or gradient: skip the step everywhere
+    bad: bool  # some rank saw a NaN/Inf loss or gradient: the step was skipped everywhere
     stop: bool  # some rank was asked to stop
     save: bool  # rank 0's clock says a time-based checkpoint is due
+    stepped: bool = True  # the optimizer applied the step (not bad, no fp16 overflow)
 
 
-def step_verdict(local_loss: float, grads_finite: Optional[torch.Tensor], stop: bool, save: bool,
-                 rt: Runtime) -> Verdict:
+class PendingVerdict:
+    """A step's verdict, all-reduced on the device and on its way to the host.
+
+    Why not read it at once: on a GPU the host would wait for the whole step
+    to finish before issuing the next one, leaving the device idle meanwhile.
+    The device acts on `bad` itself (the optimizer and `BufferSnapshot` are
+    gated by it); `ship` copies the values, with whether the optimizer
+    stepped, to pinned memory behind an event, and the host reads them one
+    step later (`read`), after it has queued the next step's forward and
+    backward, so that wait never lets the device run dry.
+    """
+
+    def __init__(self, values: Tensor, world_size: int) -> None:
+        self.values, self.world_size = values, world_size
+        self.bad = values[1] > 0  # device bool: gates the optimizer and the buffers
+        self._event: Any = None
+        self._host: Optional[Tensor] = None
+
+    def ship(self, stepped: Optional[Tensor] = None) -> None:
+        """Start the copy to the host (after the optimizer step, so that `stepped` is known)."""
+        extra = self.values.new_ones(1) if stepped is None else stepped.reshape(1).to(self.values)
+        record = torch.cat([self.values, extra])
+        if record.device.type == "cuda":
+            self._host = torch.empty(record.shape, dtype=record.dtype, pin_memory=True)
+            self._host.copy_(record, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._host = record
+
+    def read(self) -> Verdict:
+        if self._host is None:
+            self.ship()
+        if self._event is not None:
+            self._event.synchronize()
+        assert self._host is not None
+        loss, bad, stop, save, stepped = self._host.numpy().tolist()
+        return Verdict(loss=float("nan") if bad else loss / self.world_size, bad=bad > 0, stop=stop > 0,
+                       save=save > 0, stepped=stepped > 0)
+
+
+def step_verdict(local_loss: Tensor, grads_finite: Optional[Tensor], stop: bool, save: bool,
+                 rt: Runtime) -> PendingVerdict:
     """All that the ranks must agree on after a step's backward, in ONE all-reduce (it replaces the
-    loss average every step had anyway)."""
-    values = torch.tensor([local_loss, 0.0, float(stop), float(save and rt.is_main)], dtype=torch.float64,
-                          device=rt.device)
-    finite = torch.isfinite(values[:1]).all()
+    loss average every step had anyway). Built on the device from host flags with `fill_` (a
+    device tensor made from host values would be a blocking copy)."""
+    values = torch.zeros(4, dtype=torch.float64, device=rt.device)
+    if stop:
+        values[2].fill_(1.0)
+    if save and rt.is_main:
+        values[3].fill_(1.0)
+    loss = local_loss.detach().to(device=rt.device, dtype=torch.float64)
+    finite = torch.isfinite(loss)
     if grads_finite is not None:
         finite = finite & grads_finite.to(rt.device)
-    values[1] = (~finite).double()
-    values[0] = torch.where(finite, values[0], torch.zeros_like(values[0]))
+    values[1].copy_((~finite).double())
+    values[0].copy_(torch.where(finite, loss, torch.zeros_like(loss)))
     if rt.world_size > 1:
         dist.all_reduce(values)
-    loss, bad, stop_n, save_n = values.tolist()
-    return Verdict(loss=float("nan") if bad else loss / rt.world_size, bad=bad > 0, stop=stop_n > 0, save=save_n > 0)
+    return PendingVerdict(values, rt.world_size)
 
 
 class BufferSnapshot:
@@ -85,23 +136,39 @@ class BufferSnapshot:
 
     A bad step must leave no trace: its forward already updated the running
     statistics and enqueued its embeddings, possibly NaN, which would poison
-    every later step. One fused copy per step (no host sync) keeps a shadow
-    to restore from.
+    every later step. A shadow copy is taken before every forward and put
+    back where the device flag says the step was bad, without the host
+    knowing, in a fixed number of kernels per dtype (`harness.optim.gated`;
+    integer counters, which cannot hold NaN, by exact arithmetic).
     """
 
     def __init__(self, module: torch.nn.Module) -> None:
-        self.live = [b for b in module.buffers() if b is not None and b.numel()]
-        self.shadow = [b.detach().clone() for b in self.live]
+        live = [b for b in module.buffers() if b is not None and b.numel()]
+        groups: dict[tuple, list[Tensor]] = {}
+        for b in live:
+            groups.setdefault((b.device, b.dtype), []).append(b)
+        self.groups = list(groups.values())
+        self.shadows = [[b.detach().clone() for b in group] for group in self.groups]
+        self.scratch = [[b.detach().clone() for b in group] if group[0].is_floating_point() else None
+                        for group in self.groups]
 
     @torch.no_grad()
     def take(self) -> None:
-        if self.live:
-            torch._foreach_copy_(self.shadow, self.live)
+        for live, shadow in zip(self.groups, self.shadows):
+            if live[0].is_floating_point():
+                copy_finite(shadow, live)  # both finite here: the last step's were restored if bad
+            else:
+                torch._foreach_copy_(shadow, live)
 
     @torch.no_grad()
-    def restore(self) -> None:
-        if self.live:
-            torch._foreach_copy_(self.live, self.shadow)
+    def restore_where(self, bad: Tensor) -> None:
+        for live, shadow, scratch in zip(self.groups, self.shadows, self.scratch):
+            if scratch is None:  # live -= bad * (live - shadow), exact in integers
+                diff = torch._foreach_sub(live, shadow)
+                torch._foreach_mul_(diff, bad.to(live[0].device).long())
+                torch._foreach_sub_(live, diff)
+            else:
+                torch._foreach_copy_(live, select_into(scratch, bad, shadow, live))
 
 
 class BadStepGuard:

@@ -4,7 +4,11 @@ Everything that varies (model, SSL method, data, optimizer, numerics,
 checkpoints) is built by its own module; this file only sequences them, so
 it reads top to bottom on one screen. Each step ends with ONE all-reduce
 (`step_verdict`) carrying the loss and what every rank must agree on: skip a
-bad step, stop for pre-emption, save on rank 0's clock.
+bad step, stop for pre-emption, save on rank 0's clock. The device applies
+the skip itself; the host reads the verdict one step late, once the next
+step's forward and backward are queued (`settle`), so no step waits for the
+device. Stops and time-based saves therefore happen one step after the
+request, on every rank alike.
 """
 
 from __future__ import annotations
@@ -22,14 +26,15 @@ from harness.config.loader import to_dict
 from harness.config.schema import RunConfig
 from harness.data import DataStream, build_dataloader
 from harness.optim import build_schedule
-from harness.parallel.build import build_engine
+from harness.parallel.build import build_engine, uses_channels_last
 from harness.parallel.support import check_supported
 from harness.runtime import Runtime, init_runtime, seed_everything
 from harness.train.errors import RunStopped
-from harness.train.faults import BadStepGuard, BufferSnapshot, StopRequest, step_verdict
+from harness.train.faults import BadStepGuard, PendingVerdict, StopRequest, Verdict
 from harness.train.metrics import MetricsLogger, progress_bar
 from harness.train.rundir import prepare_run_dir
 from harness.train.state import TrainState
+from harness.train.step import StepRunner
 
 MIN_BATCHES_PER_EPOCH = 100  # so loader workers prefetch across steps, even on tiny folders
 
@@ -45,6 +50,26 @@ class RunResult:
     start_step: int = 0
     stopped: Optional[str] = None  # why the run ended before train.iterations (signal, time limit)
     checkpoints: list[Path] = field(default_factory=list)
+
+
+@dataclass
+class _Pending:
+    """A step whose verdict is still on its way to the host, with what acting on it needs."""
+
+    verdict: PendingVerdict
+    step: int
+    lr: float
+    tick: float
+    crops: list[torch.Tensor]
+    images_seen: int
+
+
+def sync_host_state(method: torch.nn.Module) -> None:
+    """After buffers changed behind the host's back (a skipped step restored them, a checkpoint
+    was loaded): let the method refresh what it mirrors on the host (SwAV's queue fill level)."""
+    refresh = getattr(method, "sync_host_state", None)
+    if refresh is not None:
+        refresh()
 
 
 def device_memory(device: torch.device) -> dict[str, float]:
@@ -70,13 +95,15 @@ def _build(cfg: RunConfig, rt: Runtime, run_dir: Path, start: Start, config: dic
     """Data stream, model/optimizer state and checkpointer, continued from `start`."""
     loader = build_dataloader(cfg.data, rank=rt.rank, world_size=rt.world_size, seed=cfg.train.seed,
                               epoch_length=MIN_BATCHES_PER_EPOCH * cfg.data.batch_size * rt.world_size)
-    data = DataStream(loader, rt.device)
+    data = DataStream(loader, rt.device,
+                      torch.channels_last if uses_channels_last(cfg, rt) else torch.preserve_format)
     state = build_state(cfg, rt)
     checkpointer = Checkpointer(run_dir, cfg, config, rt)
     if start.kind == "resume":
         checkpointer.load(start.checkpoint, state, data)
     elif start.kind == "init":
         checkpointer.init_from(start.checkpoint, state.engine, cfg.train.init_from_scope)
+    sync_host_state(state.engine.method)
     stage = f" zero_stage={cfg.parallel.zero_stage}" if state.engine.name == "deepspeed" else ""
     origin = f" from {start.checkpoint} (step {state.step})" if start.checkpoint else ""
     print(f"harness: rank {rt.rank}/{rt.world_size} on {rt.device}: backend={state.engine.name}{stage} "
@@ -101,50 +128,60 @@ def pretrain(cfg: RunConfig) -> RunResult:
     logger = MetricsLogger(run_dir, rt.is_main, cfg.train.tensorboard)
     bar = progress_bar(state.step, cfg.train.iterations, rt.is_main)
     stop, guard = StopRequest(cfg.train.time_limit), BadStepGuard(run_dir, rt.rank, cfg.train.max_bad_steps)
-    buffers = BufferSnapshot(engine.method)
+    runner = StepRunner(engine, cfg, rt)
     result = RunResult(rt.is_main, engine.name, run_dir, [], 0.0, 0.0, state.step)
+    pending: Optional[_Pending] = None
     wall_start = time.perf_counter()
+
+    def settle(done: _Pending, next_tick: Optional[float] = None) -> Verdict:
+        """Act on a step's verdict, read one step late (`PendingVerdict`). The step's time runs
+        from its start to the next one's (the host waits for the device once per step)."""
+        verdict = done.verdict.read()
+        result.losses.append(verdict.loss)
+        bar.update(1)
+        images_per_s = global_batch / max((next_tick or time.perf_counter()) - done.tick, 1e-9)
+        bar.set_postfix(loss=f"{verdict.loss:.4f}", lr=f"{done.lr:.4g}", img_s=f"{images_per_s:.1f}")
+        if verdict.bad:  # skipped on every rank, on the device, without a trace
+            message = guard.bad(done.step, verdict.loss, done.crops, engine.method.last_outputs())
+            sync_host_state(engine.method)  # host mirrors of the buffers the skip restored
+            if message:
+                checkpointer.wait()
+                raise RunStopped(message)
+        else:
+            guard.good()
+            state.schedule.observe(verdict.loss)
+        if (done.step + 1) % cfg.train.log_every == 0 or done.step + 1 == cfg.train.iterations or verdict.bad:
+            logger.log(done.step + 1, {"loss": verdict.loss, "lr": done.lr, "images_per_s": images_per_s,
+                                       "images_seen": done.images_seen, "stepped": float(verdict.stepped),
+                                       **device_memory(rt.device)})
+        return verdict
 
     engine.train()
     try:
         for step in range(state.step, cfg.train.iterations):
             tick = time.perf_counter()
+            local_loss, crops = runner.forward_backward(lambda: next(data), step)
+            previous = settle(pending, tick) if pending is not None else None  # the device is busy with this step
+            pending = None
             lr = state.schedule(step)
             engine.set_lr(lr)
-            local_loss = 0.0
-            buffers.take()
-            for _ in range(cfg.train.grad_accum):
-                crops = next(data)
-                local_loss += engine.forward_backward(crops, step)[0] / cfg.train.grad_accum
-            verdict = step_verdict(local_loss, engine.grads_finite(), stop.requested, checkpointer.time_due(), rt)
-            stepped = not verdict.bad
-            if verdict.bad:  # skipped on every rank, without a trace
-                engine.skip_step()
-                buffers.restore()
-                message = guard.bad(step, local_loss, crops, engine.method.last_outputs())
-                if message:
-                    checkpointer.wait()
-                    raise RunStopped(message)
-            else:
-                guard.good()
-                stepped = engine.optimizer_step(step)  # False: fp16 overflow, skipped by the loss scaler
-                state.schedule.observe(verdict.loss)
+            verdict, _ = runner.update(step, local_loss, stop.requested, checkpointer.time_due())
             state.step, state.images_seen = step + 1, state.images_seen + global_batch
-
-            images_per_s = global_batch / (time.perf_counter() - tick)
-            result.losses.append(verdict.loss)
-            bar.update(1)
-            bar.set_postfix(loss=f"{verdict.loss:.4f}", lr=f"{lr:.4g}", img_s=f"{images_per_s:.1f}")
-            if state.step % cfg.train.log_every == 0 or state.step == cfg.train.iterations or verdict.bad:
-                logger.log(state.step, {"loss": verdict.loss, "lr": lr, "images_per_s": images_per_s,
-                                        "images_seen": state.images_seen, "stepped": float(stepped),
-                                        **device_memory(rt.device)})
+            pending = _Pending(verdict, step, lr, tick, crops, state.images_seen)
             checkpointer.poll()
-            if verdict.stop:
+            if previous is not None and previous.stop:
+                settle(pending)
+                pending = None
                 result.stopped = stop.reason or "a stop request on another rank"
                 break
-            if state.step < cfg.train.iterations and (checkpointer.due(state.step) or verdict.save):
+            if state.step < cfg.train.iterations and (checkpointer.due(state.step) or
+                                                      (previous is not None and previous.save)):
+                settle(pending)  # a checkpoint holds every step's consequences
+                pending = None
                 result.checkpoints.append(checkpointer.save(state, data))
+        if pending is not None:
+            settle(pending)
+            pending = None
     finally:
         stop.restore()
         bar.close()

@@ -96,13 +96,15 @@ def test_async_saves_equal_sync_saves(tmp_path):
 
 
 def test_time_rules_save_by_minutes_and_stop_at_the_time_limit(tmp_path):
-    """A tiny interval: rank 0's clock finds a save due after every step; the time limit stops the run
-    after its first step with a checkpoint, as SIGTERM would."""
-    pretrain(config(tmp_path, "minutes", "train.iterations=3", "train.checkpoint_minutes=1e-9"))
-    assert [read_manifest(c)["step"] for c in complete_checkpoints(tmp_path / "minutes")] == [1, 2, 3]
+    """A tiny interval: rank 0's clock finds a save due at every step; the time limit stops the run
+    with a checkpoint, as SIGTERM would. Both act one step after the request: the host reads a
+    step's verdict while the next step runs (harness.train.faults.PendingVerdict)."""
+    pretrain(config(tmp_path, "minutes", "train.iterations=4", "train.checkpoint_minutes=1e-9"))
+    # step 0's request saves after step 1; that save also settles step 1's request; step 2's saves at the end
+    assert [read_manifest(c)["step"] for c in complete_checkpoints(tmp_path / "minutes")] == [2, 4]
     result = pretrain(config(tmp_path, "limit", "train.iterations=50", "train.time_limit=1e-9"))
-    assert result.stopped == "train.time_limit" and len(result.losses) == 1
-    assert read_manifest(tmp_path / "limit")["step"] == 1
+    assert result.stopped == "train.time_limit" and len(result.losses) == 2
+    assert read_manifest(tmp_path / "limit")["step"] == 2
 
 
 # ---------------------------------------------------------------- kills and signals

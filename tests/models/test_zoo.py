@@ -116,3 +116,54 @@ def test_table_and_json() -> None:
     data = json.loads(infos_to_json(infos))
     assert data[2]["name"] == "resnet50" and data[2]["stage_depths"] == [3, 4, 6, 3]
     assert data[1]["trunk_params"] == infos[1].trunk_params
+
+
+# ------------------------------------------------------------------ width-aligned variants
+
+ALIGNED = {  # variant: (original, stage widths, trunk params in M, GFLOPs) as stated in zoo.py
+    "regnety_256gf_a8": ("regnety_256gf", (752, 1504, 4136, 10528), 1292.66, 258.48),
+    "seer_10b_a8": ("seer_10b", (2016, 4032, 11088, 28224), 9286.84, 1855.91),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(ALIGNED))
+def test_aligned_variants_keep_the_design_rule_with_widths_of_8(variant: str) -> None:
+    from harness.models.regnet import regnet_layout
+    from harness.models.zoo import aligned_spec, preset_spec
+
+    original, widths, mparams, gflops = ALIGNED[variant]
+    spec, base = preset_spec(variant), preset_spec(original)
+    assert spec == aligned_spec(original)  # pycls's generate_regnet inputs, group width rounded
+    assert (spec.depth, spec.w0, spec.wa, spec.wm, spec.se_ratio) == (base.depth, base.w0, base.wa, base.wm,
+                                                                      base.se_ratio)
+    assert spec.group_width % 8 == 0 and abs(spec.group_width - base.group_width) < 4
+    info, ref = describe(variant), describe(original)
+    assert info.stage_widths == widths and info.stage_widths == regnet_layout(spec).widths
+    assert all(w % 8 == 0 for w in info.stage_widths + info.group_widths)
+    assert info.stage_depths == ref.stage_depths
+    assert all(w % g == 0 for w, g in zip(info.stage_widths, info.group_widths))  # whole groups
+    assert round(info.trunk_params / 1e6, 2) == mparams and round(info.gflops, 2) == gflops
+    assert info.trunk_params == pytest.approx(ref.trunk_params, rel=0.02)
+    assert info.gflops == pytest.approx(ref.gflops, rel=0.02)
+
+
+def test_smaller_seer_trunks_are_aligned_as_published() -> None:
+    from harness.models.regnet import regnet_layout
+    from harness.models.zoo import aligned_spec, preset_spec
+
+    for name in ("regnety_8gf", "regnety_16gf", "regnety_32gf", "regnety_64gf", "regnety_128gf"):
+        layout = regnet_layout(preset_spec(name))
+        assert all(w % 8 == 0 for w in layout.widths + layout.group_widths), name
+        assert aligned_spec(name) == preset_spec(name)  # nothing to round: no _a8 variant needed
+    assert any(w % 8 for w in regnet_layout(preset_spec("regnety_256gf")).widths)
+
+
+@pytest.mark.parametrize("preset, arch", [("seer_regnety_256gf_a8", "regnety_256gf_a8"),
+                                          ("seer_10b_a8", "seer_10b_a8")])
+def test_aligned_seer_presets_load(preset: str, arch: str) -> None:
+    from harness.config import load_config
+
+    cfg, base = load_config(preset), load_config(preset.replace("_a8", ""))
+    assert cfg.model.arch == arch and cfg.swav.head_dims[0] == trunk_out_dim(arch)
+    assert cfg.swav.head_dims[1:] == base.swav.head_dims[1:] and cfg.parallel == base.parallel
+    assert cfg.world_size == base.world_size and cfg.data == base.data

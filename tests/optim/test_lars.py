@@ -259,3 +259,66 @@ def test_sharded_norms_match_full_parameters():
             p.grad = _shard(g, 0, 2)
         lopt.step()
     assert not torch.allclose(local[0].detach(), torch.tensor(results[0][0][0], dtype=torch.float64))
+
+def _lars_step_ops(n_tensors: int, gated: bool) -> int:
+    from harness.profiling.ops import count_ops
+
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(3, generator=gen)) for _ in range(n_tensors)]
+    opt = LARS([{"params": params[: n_tensors // 2]}, {"params": params[n_tensors // 2:], "lars_adapt": False}],
+               lr=0.1, weight_decay=1e-4)
+    for step in range(2):
+        for p in params:
+            p.grad = torch.randn(3, generator=gen)
+        opt.skip = torch.tensor(False) if gated else None
+        with count_ops(nested=True) as count:
+            opt.step()
+    assert count.total_syncs == 0, count.syncs
+    return count.kernels, count.total - count.kernels
+
+
+def test_step_op_count_does_not_grow_with_the_number_of_tensors():
+    """The group laid flat: a fixed number of kernels whatever the number of parameter tensors.
+    Only host-side views grow: one 1-D view of each gradient per step (a new tensor every step)."""
+    for gated in (False, True):
+        (kernels_10, views_10), (kernels_1000, views_1000) = _lars_step_ops(10, gated), _lars_step_ops(1000, gated)
+        assert kernels_10 == kernels_1000 and kernels_10 < 100  # two groups: adapted and plain
+        assert views_1000 - views_10 == 990, (views_10, views_1000)
+
+
+def test_a_gated_step_changes_nothing_even_with_nan_gradients():
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(4, 3, generator=gen)) for _ in range(3)]
+    opt = LARS(params, lr=0.1, weight_decay=1e-4, momentum=0.9)
+    for p in params:
+        p.grad = torch.randn(4, 3, generator=gen)
+    opt.step()
+    before = [p.detach().clone() for p in params] + [opt.state[p]["momentum_buffer"].clone() for p in params]
+    params[1].grad = torch.full((4, 3), float("nan"))
+    params[0].grad = torch.full((4, 3), float("inf"))
+    params[2].grad = torch.randn(4, 3, generator=gen)
+    opt.skip = torch.tensor(True)
+    opt.step()
+    after = [p.detach() for p in params] + [opt.state[p]["momentum_buffer"] for p in params]
+    assert all(torch.equal(x, y) for x, y in zip(before, after))
+    assert bool(opt.skipped)
+
+
+def test_chunks_of_the_flat_group_take_the_same_steps():
+    """The group laid flat in chunks (bounded scratch) or whole: bit-identical steps."""
+    shapes = [(4, 3), (5,), (2, 2, 3), (7,), (1,)]
+    runs = []
+    for chunk in (1 << 24, 8):
+        params = [torch.nn.Parameter(torch.randn(s, generator=torch.Generator().manual_seed(i)))
+                  for i, s in enumerate(shapes)]
+        opt = LARS(params, lr=0.3, weight_decay=1e-3, momentum=0.9, trust_coefficient=0.01)
+        opt.flat_chunk = chunk
+        for step in range(3):
+            for i, p in enumerate(params):
+                p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(100 * step + i))
+            opt.step()
+        runs.append((params, opt))
+    assert len(runs[1][1]._chunks(0, list(runs[1][0]), tuple(range(5)))) == 4  # 12 | 5 | 12 | 7+1
+    for a, b in zip(runs[0][0], runs[1][0]):
+        assert torch.equal(a.detach(), b.detach())
+        assert torch.equal(runs[0][1].state[a]["momentum_buffer"], runs[1][1].state[b]["momentum_buffer"])

@@ -69,8 +69,9 @@ def one_process_method(cfg: RunConfig, dtype: torch.dtype = torch.float32) -> Sw
     return start_method(lambda: SwAV.from_config(single, len(SIZES)), single, runtime(), dtype)[0]
 
 
-def global_loss(loss: float, world: int) -> float:
+def global_loss(loss: float | torch.Tensor, world: int) -> float:
     """Mean of the ranks' losses: the loss of the whole batch, since local batches are equal."""
+    loss = float(loss)  # engines return a device tensor (no host sync in the step)
     if world == 1:
         return loss
     t = torch.tensor([loss], dtype=torch.float64)
@@ -154,7 +155,7 @@ def fp16_overflow_run(rank: int, world: int, backend: str, where: str) -> dict:
     before = {n: (p.to_local() if hasattr(p, "to_local") else p).detach().clone()
               for n, p in engine.method.trunk.named_parameters()}
     scale = engine.precision.scaler.get_scale()
-    stepped = engine.optimizer_step(0)
+    stepped = bool(engine.optimizer_step(0))
     unchanged = all(torch.equal(before[n], (p.to_local() if hasattr(p, "to_local") else p).detach())
                     for n, p in engine.method.trunk.named_parameters())
     return {"stepped": stepped, "unchanged": unchanged, "scale": (scale, engine.precision.scaler.get_scale())}

@@ -286,7 +286,7 @@ def _run_precision(rank: int, world: int) -> dict:
     engine.train()
     for step in range(12):  # the initial scale (2**16) overflows at first: halve until a step applies (9 here)
         loss, _ = engine.forward_backward(_mine(_crops(step), rank), step)
-        out["fp16_first"] = (loss, engine.optimizer_step(step))
+        out["fp16_first"] = (float(loss), bool(engine.optimizer_step(step)))
         if out["fp16_first"][1]:
             break
     before = {k: v.clone() for k, v in engine.full_state_dict().items()}
@@ -297,7 +297,7 @@ def _run_precision(rank: int, world: int) -> dict:
         crops[0] = crops[0].clone()
         crops[0][0, 0, 0, 0] = float("inf")
     engine.forward_backward(crops, 9)
-    out["fp16_overflow_stepped"] = engine.optimizer_step(9)
+    out["fp16_overflow_stepped"] = bool(engine.optimizer_step(9))
     after = engine.full_state_dict()
     out["fp16_unchanged"] = all(torch.equal(before[k], after[k]) for k in before if "running" not in k
                                 and "num_batches" not in k)
@@ -315,7 +315,7 @@ def _run_precision(rank: int, world: int) -> dict:
     out["bf16"] = []
     for step in range(2):
         loss, _ = engine.forward_backward(_mine(_crops(step), rank), step)
-        out["bf16"].append((loss, engine.optimizer_step(step)))
+        out["bf16"].append((float(loss), bool(engine.optimizer_step(step))))
     out["bf16_params_finite"] = all(bool(torch.isfinite(v).all()) for v in engine.full_state_dict().values()
                                     if v.is_floating_point())
     return out

@@ -359,3 +359,23 @@ def test_plan_takes_one_mtbf(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["plan", "--mtbf-hours", "5", "--gpu-mtbf-hours", "50000"])
     assert exc.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
+
+
+def test_plan_prints_the_unaligned_conv_share(capsys, tmp_path, monkeypatch):
+    """A trunk whose group width (12) is not a multiple of 8: `plan` says which share of its conv
+    FLOPs that touches and how the time model treats it (no measurement for the device: full speed)."""
+    from harness.cli import main
+    from harness.config import load_config
+    from harness.profiling import alignment
+
+    monkeypatch.setattr(alignment, "MEASURED_DIR", tmp_path)
+    tiny = ["data.batch_size=1", "data.crops=[{size: 32, count: 2, scale: [0.3, 1.0]}]", "swav.head_dims=[96, 32, 16]",
+            "swav.num_prototypes=[16]", "model.arch=regnet", "parallel.precision=fp16",
+            "model.regnet={depth: 4, w0: 24, wa: 16.0, wm: 2.0, group_width: 12}"]
+    assert main(["plan", "-c", "quickstart", "--gpus", "2", "--device", "h100", *tiny]) == 0
+    share = alignment.config_share(load_config("quickstart", tiny))
+    assert 0.3 < share < 0.7  # the grouped 3x3s; the 1x1s are 24/48/96 wide, multiples of 8
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("alignment:")]
+    assert lines == [f"alignment: {share:.2%} of regnet's conv FLOPs run at channel counts (per group) that are not "
+                     "multiples of 8; modelled at full speed: no measurement for H100-80GB (h100-80gb.json is "
+                     "written by profiling/conv_alignment.py)"]

@@ -195,8 +195,10 @@ def test_breakdown_is_consistent() -> None:
 
 
 def test_faster_devices_are_faster() -> None:
+    """Compute and bandwidth (no host floor: this small model's step is host-bound on all three,
+    and NCCL's latencies do not depend on the GPU generation)."""
     cfg, s = small_seer()
-    steps = [predict_time(cfg, s, get_device(d), 64).step for d in ("v100", "a100-80gb", "h100")]
+    steps = [predict_time(cfg, s, no_floor(get_device(d)), 64).step for d in ("v100", "a100-80gb", "h100")]
     assert steps[0] > steps[1] > steps[2]
 
 
@@ -254,7 +256,10 @@ def test_trunk_ops_match_a_real_forward() -> None:
 
 def test_host_floor_reproduces_the_h100_measurement() -> None:
     """GPU_OP_US was measured on an H100 (profiling/gpu_h100): RegNetY-8GF, ddp, no checkpointing.
-    The floor must give back that forward and optimizer time, and vanish where FLOPs dominate."""
+    The floor must give back that forward time, and vanish where FLOPs dominate. The optimizer
+    was measured with the per-tensor LARS (3,899 ops, 48 ms); the flat LARS dispatches about
+    340 for 8GF's ~244 tensors, so the floor must predict far less (to be re-measured on a GPU:
+    profiling/gpu_backends_check.py)."""
     from pathlib import Path
 
     from harness.profiling.report import read_points
@@ -266,7 +271,7 @@ def test_host_floor_reproduces_the_h100_measurement() -> None:
     h100 = get_device("h100-80gb")
     predicted = predict_time(cfg, Strategy.from_config(cfg), h100, 1)
     assert predicted.forward == pytest.approx(measured.time.forward, rel=0.1)
-    assert predicted.optimizer == pytest.approx(measured.time.optimizer, rel=0.1)
+    assert predicted.optimizer < measured.time.optimizer / 5
     assert predict_time(cfg, Strategy.from_config(cfg), no_floor(h100), 1).forward < predicted.forward / 3
     big = load_config("seer_regnety_256gf")  # compute-bound: the floor does not bind
     s = Strategy.from_config(big)

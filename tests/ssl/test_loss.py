@@ -168,3 +168,118 @@ def test_validation() -> None:
     with pytest.raises(ValueError, match="rows"):
         SwAVLoss(cfg, 8, 2)(emb, scores, 4, 0, protos)
     assert SwAVLoss(cfg, 8, 2).state_dict() == {}  # no queue, nothing to checkpoint
+
+
+def per_crop_sinkhorn(out: torch.Tensor, iterations: int, use_fp64: bool) -> torch.Tensor:
+    """The per-crop Sinkhorn in the working precision, one crop at a time, step by step as SwAV writes it."""
+    dtype = torch.float64 if use_fp64 else torch.float32
+    logits = out.to(dtype) / EPS
+    q = torch.exp(logits - logits.max())
+    q = q / q.sum()
+    B, K = q.shape
+    for _ in range(iterations):
+        q = q / q.sum(dim=0, keepdim=True) / K
+        q = q / q.sum(dim=1, keepdim=True) / B
+    return (q * B).float()
+
+
+def per_crop_loss(scores, B, n_crops, assign, iterations, use_fp64=False, queue_scores=None):
+    """fp32 loss with Python loops over heads, assigned crops and other crops; also returns the codes."""
+    total, codes = 0.0, []
+    for h, s in enumerate(scores):
+        head = 0.0
+        for i, c in enumerate(assign):
+            out = s.detach()[B * c : B * (c + 1)]
+            if queue_scores is not None:
+                out = torch.cat([queue_scores[i][h], out])
+            q = per_crop_sinkhorn(out, iterations, use_fp64)[-B:]
+            codes.append(q)
+            sub = 0.0
+            for v in range(n_crops):
+                if v != c:
+                    sub = sub - (q * torch.log_softmax(s[B * v : B * (v + 1)] / T, dim=1)).sum(dim=1).mean()
+            head = head + sub / (n_crops - 1)
+        total = total + head / len(assign)
+    return total / len(scores), codes
+
+
+@pytest.mark.parametrize(
+    "n_crops, assign, counts, use_fp64",
+    [(6, [0, 1], [16, 9], False), (6, [0, 1], [16], True), (5, [0, 2, 4], [7], False), (4, [3, 0], [6, 5], False)],
+)
+def test_vectorised_equals_per_crop_computation(n_crops, assign, counts, use_fp64) -> None:
+    """Same value, gradient and codes as crop by crop, to fp32 rounding; queue active, strided and
+    unordered crop ids, several heads, both Sinkhorn precisions."""
+    B, D, L = 4, 8, 6
+    cfg = SwAVConfig(head_dims=[D, D], num_prototypes=counts, crops_for_assign=assign, sinkhorn_fp64=use_fp64,
+                     queue_length=L)
+    crit = SwAVLoss(cfg, D, n_crops)
+    protos, emb, _ = make_batch(n_crops, B, D, counts, seed=11)
+    for seed in (12, 13):  # fill the queue (6 rows, 2 x 4 pushed) with other batches
+        _, e, s = make_batch(n_crops, B, D, counts, seed=seed)
+        crit(e, s, B, 0, protos)
+    queue = crit.queue.clone()
+    assert crit.queue_active(0)
+    with torch.no_grad():
+        queue_scores = [protos(queue[i]) for i in range(len(assign))]
+
+    for use_queue in (False, True):
+        crit.queue.copy_(queue)
+        crit.queue_start_iter = 0 if use_queue else 1
+        leaf = [s.detach().requires_grad_() for s in protos(emb)]
+        mine = crit(emb, leaf, B, 0, protos)
+        mine.backward()
+        ref_leaf = [s.detach().requires_grad_() for s in leaf]
+        ref, codes = per_crop_loss(ref_leaf, B, n_crops, assign, 3, use_fp64, queue_scores if use_queue else None)
+        ref.backward()
+        assert mine.item() == pytest.approx(ref.item(), rel=2e-6, abs=1e-7)
+        for g, r in zip(leaf, ref_leaf):
+            torch.testing.assert_close(g.grad, r.grad, rtol=1e-5, atol=1e-8)
+        mine_codes = [q for per_head in crit.last_assignments for q in per_head.unbind(0)]
+        assert len(mine_codes) == len(codes) == len(counts) * len(assign)
+        for q, r in zip(mine_codes, codes):
+            torch.testing.assert_close(q, r, rtol=1e-5, atol=1e-7)
+    # And the independent float64 formulas agree too (queue active, the last pass).
+    qs = [[x.double() for x in per_crop] for per_crop in queue_scores]
+    assert mine.item() == pytest.approx(ref_loss(leaf, B, n_crops, assign, 3, qs), rel=1e-5)
+
+
+@pytest.mark.parametrize("B", [2, 4, 6])
+def test_enqueue_shorter_equal_and_longer_batches(B: int) -> None:
+    """Newest first, the oldest rows fall off; a batch longer than the queue keeps its first rows."""
+    D, n_crops, L = 8, 3, 4
+    cfg = SwAVConfig(head_dims=[D, D], num_prototypes=[5], crops_for_assign=[2, 0], queue_length=L)
+    crit = SwAVLoss(cfg, D, n_crops)
+    protos, emb1, s1 = make_batch(n_crops, B, D, [5], seed=1)
+    _, emb2, s2 = make_batch(n_crops, B, D, [5], seed=2)
+    crit(emb1, s1, B, 0, protos)
+    crit(emb2, s2, B, 1, protos)
+    for i, c in enumerate([2, 0]):
+        crop = lambda e: e[B * c : B * (c + 1)]  # noqa: E731
+        assert torch.equal(crit.queue[i], torch.cat([crop(emb2), crop(emb1)])[:L])
+    assert crit.queue_fill == int(crit.queue_count) == L
+
+
+def test_host_fill_level_follows_the_buffer() -> None:
+    """The host copy decides activity without a device read, and is re-read when the buffers
+    change behind the module's back (load_state_dict by itself; a raw copy via sync_host_state)."""
+    cfg, B, D, n_crops = queue_setup(queue_length=4, start=0)
+    crit = SwAVLoss(cfg, D, n_crops)
+    protos, emb, scores = make_batch(n_crops, B, D, [5])
+    crit(emb, scores, B, 0, protos)
+    assert crit.queue_fill == int(crit.queue_count) == 2 and not crit.queue_active(0)
+    snapshot = {k: v.clone() for k, v in crit.state_dict().items()}
+    crit(emb, scores, B, 1, protos)
+    assert crit.queue_fill == int(crit.queue_count) == 4 and crit.queue_active(1)
+
+    crit.queue_count.copy_(snapshot["queue_count"])  # what a skipped step's buffer restore does
+    assert crit.queue_active(1)  # stale until told
+    crit.sync_host_state()
+    assert crit.queue_fill == 2 and not crit.queue_active(1)
+
+    fresh = SwAVLoss(cfg, D, n_crops)
+    fresh.load_state_dict(crit.state_dict() | {"queue_count": torch.tensor(4)})
+    assert fresh.queue_fill == 4 and fresh.queue_active(0)
+    holder = torch.nn.ModuleDict({"criterion": SwAVLoss(cfg, D, n_crops)})  # as a submodule, too
+    holder.load_state_dict({f"criterion.{k}": v for k, v in fresh.state_dict().items()})
+    assert holder["criterion"].queue_fill == 4

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from harness.config.schema import SwAVConfig
+from harness.profiling.ops import count_syncs
 from harness.ssl.swav import SwAV, SwAVOutput, resolution_groups
 
 
@@ -60,7 +61,8 @@ def test_one_trunk_call_per_resolution_and_shapes() -> None:
 def test_loss_finite_and_backprop_reaches_trunk() -> None:
     model = make()
     loss, metrics = model.training_step(crops(), iteration=0)
-    assert torch.isfinite(loss) and metrics["loss"] == pytest.approx(loss.item())
+    assert torch.isfinite(loss) and isinstance(metrics["loss"], torch.Tensor)  # read by the caller, when it logs
+    assert not metrics["loss"].requires_grad and metrics["loss"].item() == loss.item()
     loss.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.trunk.parameters())
     assert model.prototypes.heads[0].weight.grad is not None
@@ -164,3 +166,31 @@ def test_parallel_spec_declares_what_backends_apply() -> None:
 def test_parallel_spec_of_a_trunk_without_stages() -> None:
     spec = make().parallel_spec()  # TinyTrunk: no stages, no stem; a head with parameters
     assert spec.stages == () and spec.units == ("head",)
+
+
+
+def test_sync_counter_sees_every_kind_of_read() -> None:
+    """The counter the next test relies on is not blind (positive control)."""
+    t = torch.tensor([1.0, 0.0])
+    with count_syncs() as c:
+        float(t[0]), int(t[0]), bool(t[0]), t[0].item(), t.tolist(), t.nonzero(), [1, 2][t[0].long()]
+    assert {"Tensor.__float__", "Tensor.__int__", "Tensor.__bool__", "Tensor.item", "Tensor.tolist",
+            "Tensor.__index__", "aten._local_scalar_dense", "aten.nonzero"} <= set(c.syncs)
+
+
+def test_training_step_reads_nothing_back_from_the_device() -> None:
+    """Forward, loss (queue active: its scores, Sinkhorn, the enqueue) and backward: no host sync."""
+    torch.manual_seed(0)
+    cfg = SwAVConfig(head_dims=[8, 6], num_prototypes=[10, 7], queue_length=8, queue_start_iter=1,
+                     crops_for_assign=[0, 1])
+    model = SwAV(TinyTrunk(8), cfg, num_crops=6)
+    for it in range(2):
+        model.training_step(crops(seed=it), it)
+    assert model.criterion.queue_active(2) and int(model.criterion.queue_count) == 8
+    queue = model.criterion.queue.clone()
+    with count_syncs() as c:
+        loss, metrics = model.training_step(crops(seed=2), 2)
+        loss.backward()
+    assert dict(c.syncs) == {}
+    assert metrics["queue_active"] == 1.0 and not torch.equal(model.criterion.queue, queue)  # it did run
+    assert model.prototypes.heads[1].weight.grad is not None

@@ -85,6 +85,18 @@ def test_extreme_scale_gives_no_nan() -> None:
         assert (sums > 0).any()
 
 
+@pytest.mark.parametrize("use_fp64", [False, True])
+def test_stack_solves_each_problem_on_its_own(use_fp64: bool) -> None:
+    """[A, B, K] gives what A separate calls give: its own max (offsets 5/eps = 100 apart: one shared
+    max would underflow the others in fp32), total mass and marginals per problem."""
+    stack = torch.stack([normalized_scores(12, 7, seed=s) + shift for s, shift in ((5, 0.0), (6, 5.0), (7, -3.0))])
+    q = sinkhorn_knopp(stack, 0.05, 3, use_fp64=use_fp64)
+    assert q.shape == (3, 12, 7) and q.dtype == torch.float32
+    for a in range(3):
+        torch.testing.assert_close(q[a], sinkhorn_knopp(stack[a], 0.05, 3, use_fp64=use_fp64), rtol=1e-6, atol=1e-8)
+        torch.testing.assert_close(q[a].double(), reference_sinkhorn(stack[a], 0.05, 3), rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize(
     "scores, epsilon, iterations, message",
     [
@@ -117,6 +129,20 @@ def _sharded(rank: int, world_size: int, full: torch.Tensor, splits: list[list[i
         for use_fp64 in (False, True):
             outs.append(sinkhorn_knopp(local, 0.05, 3, use_fp64=use_fp64).reshape(-1, full.shape[1]).tolist())
     outs.append(dist.get_world_size())
+    # A stack of 3 problems, batch split 3 + 5: the same collectives as one problem (2 + iterations).
+    stack = torch.stack([full, full.flip(0) * 3, full * 0.5])
+    calls = []
+    real = dist.all_reduce
+    dist.all_reduce = lambda t, *a, **k: (calls.append(tuple(t.shape)), real(t, *a, **k))[1]
+    try:
+        start, size = (0, 3) if rank == 0 else (3, 5)
+        outs.append(sinkhorn_knopp(stack[:, start:start + size], 0.05, 3).tolist())
+        outs.append(calls[:])
+        calls.clear()
+        sinkhorn_knopp(full[start:start + size], 0.05, 3)
+        outs.append(len(calls))
+    finally:
+        dist.all_reduce = real
     for sizes in splits:
         outs.append(_local_swav_loss(rank, sizes))
     return outs
@@ -136,10 +162,9 @@ def _local_swav_loss(rank: int, sizes: list[int]) -> float:
     start = sum(sizes[:rank])
     local = emb[:, start : start + sizes[rank]].reshape(-1, emb.shape[2])
     if sizes[rank] == 0:
-        # No samples: still join the collectives, contribute nothing.
+        # No samples: still join the collectives (one call per head, both assigned crops), contribute nothing.
         for h in range(2):
-            for _ in range(2):
-                sinkhorn_knopp(torch.zeros(0, protos.counts[h]), 0.05, 3)
+            sinkhorn_knopp(torch.zeros(2, 0, protos.counts[h]), 0.05, 3)
         return 0.0
     return crit(local, protos(local), sizes[rank], 0, protos).item()
 
@@ -149,7 +174,14 @@ def test_distributed_matches_single_process() -> None:
     splits = [[4, 4], [3, 5], [0, 8]]
     per_rank = run_distributed(_sharded, 2, full, splits)
     assert all(r[len(splits) * 2] == 2 for r in per_rank)
-    losses = [r[len(splits) * 2 + 1 :] for r in per_rank]
+    stacked = torch.cat([torch.tensor(r[len(splits) * 2 + 1]) for r in per_rank], dim=1)
+    stack = torch.stack([full, full.flip(0) * 3, full * 0.5])
+    for a in range(3):  # each problem normalised over the global batch, on its own
+        torch.testing.assert_close(stacked[a], sinkhorn_knopp(stack[a], 0.05, 3), rtol=0, atol=1e-6)
+    for r in per_rank:  # max, masses + batch size, one per iteration: whatever the number of problems
+        assert r[len(splits) * 2 + 2] == [(3, 1, 1), (4,), (3, 1, 5), (3, 1, 5), (3, 1, 5)]
+        assert r[len(splits) * 2 + 3] == 5
+    losses = [r[len(splits) * 2 + 4 :] for r in per_rank]
     per_rank = [[torch.tensor(q, dtype=torch.float32).reshape(-1, 5) for q in r[: len(splits) * 2]] for r in per_rank]
     for j, sizes in enumerate(splits):
         for f, use_fp64 in enumerate((False, True)):

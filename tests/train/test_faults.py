@@ -87,13 +87,19 @@ def verdict_on_ranks(rank: int, world: int) -> list[tuple]:
     rt = runtime(rank, world)
     cases = [(1.0 + rank, None, False, False), (float("nan") if rank == 1 else 2.0, None, False, False),
              (1.0, torch.tensor(rank == 0), False, False), (1.0, None, rank == 1, rank == 1), (1.0, None, False, rank == 0)]
-    return [tuple("nan" if v != v else v for v in vars(step_verdict(*case, rt)).values()) for case in cases]
+    out = []
+    for loss, finite, stop, save in cases:
+        pending = step_verdict(torch.tensor(loss), finite, stop, save, rt)  # on the device, not read yet
+        verdict = pending.read()
+        out.append(tuple("nan" if v != v else v for v in vars(verdict).values())[:4] + (bool(pending.bad),))
+    return out
 
 
 def test_verdict_agrees_on_every_rank():
     results = run_distributed(verdict_on_ranks, 2)
     assert results[0] == results[1]
     mean, nan_loss, nan_grad, stop, save = results[0]
-    assert mean == (1.5, False, False, False) and stop[1:] == (False, True, False)
+    assert mean[:4] == (1.5, False, False, False) and stop[1:4] == (False, True, False)
     assert nan_loss[:2] == ("nan", True) and nan_grad[1]
+    assert [case[4] for case in results[0]] == [False, True, True, False, False]  # the device flag agrees
     assert save[3] is True  # rank 0's clock decides

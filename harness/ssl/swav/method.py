@@ -11,7 +11,7 @@ be plugged in with the same surface.
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -128,24 +128,33 @@ class SwAV(nn.Module):
         crops: list[Tensor],
         iteration: int,
         forward: Optional[Callable[[list[Tensor]], SwAVOutput]] = None,
-    ) -> tuple[Tensor, dict[str, float]]:
-        """Forward and loss for one (micro-)batch.
+    ) -> tuple[Tensor, dict[str, Union[Tensor, float]]]:
+        """Forward and loss for one (micro-)batch, without reading anything back from the device.
 
         ``forward``: pass the wrapper (e.g. the DDP module) when this module
         is wrapped, so the wrapper's forward hooks run; defaults to ``self``.
+        Metrics: ``loss`` is the detached device tensor (the caller reads it
+        when it logs), ``queue_active`` (with a queue) a host float.
         """
         output = (forward or self)(crops)
         self._last_scores = [s.detach() for s in output.scores]
         loss = self.loss(output, crops[0].shape[0], iteration)
-        metrics = {"loss": float(loss.detach())}
+        metrics: dict[str, Union[Tensor, float]] = {"loss": loss.detach()}
         if self.criterion.queue is not None:
             metrics["queue_active"] = float(self.criterion.queue_active(iteration))
         return loss, metrics
 
+    def sync_host_state(self) -> None:
+        """Re-read host copies of device state (the SwAV queue's fill level) after the
+        buffers were overwritten behind the method's back: a checkpoint copied into
+        them, a skipped step restored them. One device read; not for every step."""
+        self.criterion.sync_host_state()
+
     def last_outputs(self) -> dict[str, list[Tensor]]:
-        """The last step's prototype scores and Sinkhorn assignments (for a NaN post-mortem)."""
+        """The last step's prototype scores and Sinkhorn assignments (for a NaN post-mortem):
+        per head, then per assigned crop, [B, K] each."""
         return {"scores": list(getattr(self, "_last_scores", [])),
-                "assignments": list(getattr(self.criterion, "last_assignments", []))}
+                "assignments": [q for per_head in self.criterion.last_assignments for q in per_head.unbind(0)]}
 
     def cancel_prototype_gradients(self, iteration: int) -> None:
         """Drop prototype grads during the first ``freeze_prototypes_iters`` iterations.
