@@ -21,11 +21,15 @@ Then plain SGD momentum: ``buf = m * buf + d``; ``p -= lr * buf`` (nesterov:
 ``p -= lr * (d + m * buf)``). Groups with ``lars_adapt=False`` skip the ratio
 and do exactly what `torch.optim.SGD` does with the same hyper-parameters.
 
-Sharded training: every norm goes through `_squared_norms`, which stacks the
-per-tensor sums of squares of a group and, when the group names a
-``norm_process_group`` and torch.distributed is up, all-reduces that one
+The step works on each parameter group laid flat (`harness.optim.flat`): a
+fixed number of kernels per chunk of elements, whatever the number of
+tensors, and no host synchronisation (a skipped step is gated on the device).
+
+Sharded training: every norm goes through `_ratios`, which takes the
+per-tensor sums of squares of a chunk and, when the group names a
+``norm_process_group`` and torch.distributed is up, all-reduces them as one
 tensor. Ranks holding shards of each parameter therefore all see the norms
-of the full parameter with one collective per group (VISSL's larc_fsdp).
+of the full parameter with one collective per chunk (VISSL's larc_fsdp).
 Leave it ``None`` for replicated training (DDP), where local norms are
 already full norms and a sum over replicas would be wrong.
 """

@@ -24,8 +24,9 @@ eps, optional clip, SGD momentum), so ZeRO runs match DDP runs.
 Frozen parameters (`frozen`: ids of original parameters, e.g. SwAV
 prototypes during their first iterations) and padding get a zero update
 and keep their momentum buffer, which is what a ``None`` grad means to
-`LARS`. Cost: three temporaries the size of the partition (d, the expanded
-ratio, the expanded decay) on top of what `LARS` allocates.
+`LARS`. Cost: 16 bytes of scratch per partition element (the gradient's
+sanitised copy, the spread ratio and `repeat_interleave`'s int64 index; see
+`harness.profiling.planner.optimizer_temporaries`), no host synchronisation.
 """
 
 from __future__ import annotations

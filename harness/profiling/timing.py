@@ -97,9 +97,13 @@ from harness.profiling.records import Strategy, TimeBreakdown, apply_strategy
 OVERLAP = 0.8
 #: DDP's default bucket (bucket_cap_mb=25), also used to count FSDP/ZeRO calls for latency.
 BUCKET_BYTES = 25 * 1024**2
-#: HBM bytes per updated parameter: GradScaler unscale (read+write grad, 8), LARS norms
-#: (read param+grad, 8), SGD momentum (read grad 4, read+write momentum 8, read+write param 8).
-OPT_BYTES_PER_PARAM = 36
+#: HBM bytes per updated parameter of the flat LARS step (harness.optim.lars), counted from its
+#: ops (fp32 parameters): non-finite check of the gradients (8), gradient copy (8) and its gated
+#: sanitising (24), parameter copy (8), fp64 sums of squares of both (72), the two per-tensor
+#: factors spread over the elements and applied (76), momentum (20), the step and its addition
+#: to the parameters (20). The per-tensor LARS it replaced moved ~36 B but paid 16 launches per
+#: tensor; the new one trades bandwidth (~1 ms per 10M parameters on an H100) for launches.
+OPT_BYTES_PER_PARAM = 236
 STAT_BYTES = 4  # SyncBN statistics are fp32 even under autocast
 #: A real step's dispatched ops per trunk forward op counted on meta (no autocast, batch 1),
 #: counted on CPU under bf16 autocast, backend none, SEER crops: forward 1.96 (RegNetY-8GF) /

@@ -179,7 +179,9 @@ def test_communication_grows_with_world_size(backend: str, extra: dict) -> None:
     assert times[0].communication == 0.0
     comm = [t.communication for t in times]
     steps = [t.step for t in times]
-    assert comm == sorted(comm) and steps == sorted(steps)
+    # from 1 to 8 ranks a sharded optimizer's step shrinks (1/N of the update) by more than the
+    # communication grows; beyond, communication alone moves the step
+    assert comm == sorted(comm) and steps[1:] == sorted(steps[1:])
     assert comm[-1] > comm[1]
 
 
