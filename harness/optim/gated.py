@@ -21,10 +21,18 @@ import torch
 from torch import Tensor
 
 
-def _add_unless(out: list[Tensor], src: list[Tensor], flag: Tensor) -> None:
-    """``out += src`` (exactly) unless `flag` (0-dim float, nonzero = skip) is set."""
+def _add_unless(out: list[Tensor], src: list[Tensor], flag: Optional[Tensor] = None) -> None:
+    """``out += src`` (exactly) unless `flag` (float, nonzero = skip) is set."""
     torch._fused_sgd_(out, src, [], weight_decay=0.0, momentum=0.0, lr=-1.0, dampening=0.0, nesterov=False,
                       maximize=False, is_first_step=False, found_inf=flag)
+
+
+def _add_chosen(out: list[Tensor], flag: Tensor, if_true: Optional[list[Tensor]], if_false: list[Tensor]) -> None:
+    """Zeroed `out` += the branch the 0-dim bool `flag` picks; the other one is never read."""
+    flag = flag.to(out[0].device).reshape(1)
+    _add_unless(out, if_false, flag.to(torch.float32))
+    if if_true is not None:
+        _add_unless(out, if_true, (~flag).to(torch.float32))
 
 
 def select(flag: Tensor, if_true: Optional[list[Tensor]], if_false: list[Tensor]) -> list[Tensor]:
@@ -45,13 +53,10 @@ def select(flag: Tensor, if_true: Optional[list[Tensor]], if_false: list[Tensor]
         torch._foreach_mul_(diff, flag.to(if_false[0].device).long())
         torch._foreach_add_(chosen, diff)
         return list(chosen)
-    flag = flag.to(if_false[0].device).reshape(1)
-    out = torch._foreach_abs(if_false)  # the shapes and strides of the inputs
+    out = list(torch._foreach_abs(if_false))  # the shapes and strides of the inputs
     torch._foreach_zero_(out)
-    _add_unless(out, if_false, flag.to(torch.float32))
-    if if_true is not None:
-        _add_unless(out, if_true, (~flag).to(torch.float32))
-    return list(out)
+    _add_chosen(out, flag, if_true, if_false)
+    return out
 
 
 def _zero_finite(out: list[Tensor]) -> None:
@@ -64,15 +69,12 @@ def copy_finite(dst: list[Tensor], src: list[Tensor]) -> None:
     """``dst := src`` for finite floating-point tensors in two kernels (``0 + src``), where
     `torch._foreach_copy_` falls back to one call per tensor on a CPU."""
     _zero_finite(dst)
-    torch._fused_sgd_(dst, src, [], weight_decay=0.0, momentum=0.0, lr=-1.0, dampening=0.0, nesterov=False,
-                      maximize=False, is_first_step=False)
+    _add_unless(dst, src)
 
 
 def select_into(out: list[Tensor], flag: Tensor, if_true: list[Tensor], if_false: list[Tensor]) -> list[Tensor]:
     """`select` writing into `out` (finite floating-point tensors shaped like the inputs, e.g.
     a persistent scratch), which saves allocating and zeroing new ones every call."""
     _zero_finite(out)
-    flag = flag.to(out[0].device).reshape(1)
-    _add_unless(out, if_false, flag.to(torch.float32))
-    _add_unless(out, if_true, (~flag).to(torch.float32))
+    _add_chosen(out, flag, if_true, if_false)
     return out
