@@ -1,4 +1,4 @@
-"""`harness` command line: pretrain, models, plan, profile, report, export, config.
+"""`harness` command line: pretrain, models, plan, profile, report, export, data, config.
 
 Subcommands import their heavy dependencies lazily so that `harness config
 show` and `harness models` answer quickly.
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Optional
 
 from harness.config.loader import ConfigError
 from harness.train.errors import RunStopped
@@ -200,6 +200,15 @@ def _best_line(choice: Point) -> str:
             + (f"; {UNVALIDATED_MARK} not yet validated on several GPUs: {caveat}" if caveat else ""))
 
 
+def _data_line(choice: Point, gpus_per_node: int, images_per_core: Optional[float], colour_on: str) -> str:
+    """CPU cores per GPU for loading, from --images-per-core or the figure bench_data.py measured here."""
+    from harness.profiling.data_cores import IMAGES_PER_CORE, IMAGES_PER_CORE_SOURCE, data_cores, data_line
+
+    source = "--images-per-core" if images_per_core else IMAGES_PER_CORE_SOURCE + "; --images-per-core for yours"
+    rate = images_per_core or IMAGES_PER_CORE[colour_on]
+    return data_line(data_cores(choice.time.images_per_second, rate, gpus_per_node), source, colour_on)
+
+
 def _add_plan_run_args(p: argparse.ArgumentParser) -> None:
     """Storage and failure figures for `plan`'s checkpoint and goodput lines (defaults: goodput.py)."""
     from harness.profiling import goodput as g
@@ -216,6 +225,9 @@ def _add_plan_run_args(p: argparse.ArgumentParser) -> None:
                       f"between failures, hours; the job's is this over the GPU count (default "
                       f"{g.GPU_MTBF_HOURS:,.0f}: Llama 3, 419 unexpected interruptions in 54 days on up to 16,384 "
                       "H100s, Dubey et al. 2024, 3.3.4)")
+    p.add_argument("--images-per-core", type=float, help="images/s one CPU core of yours turns into the recipe's "
+                   "crops (`python profiling/bench_data.py` prints it); default: the figure measured on this "
+                   "project's CPU machine")
     p.add_argument("--restart-minutes", type=float, default=g.RESTART_MINUTES, help="minutes a restarted job "
                    "takes before it loads the checkpoint: rescheduling, launch, model build (default "
                    f"{g.RESTART_MINUTES:g}: a round assumption)")
@@ -232,7 +244,9 @@ def _plan_assumptions(args: argparse.Namespace) -> Assumptions:
             ("--storage-node-gbps", args.storage_node_gbps, True, "one node's bandwidth in GB/s, or 0 for no cap"),
             ("--mtbf-hours", args.mtbf_hours, False, "the job's mean time between failures in hours, e.g. 24"),
             ("--gpu-mtbf-hours", args.gpu_mtbf_hours, False, "one GPU's mean time between failures in hours"),
-            ("--restart-minutes", args.restart_minutes, True, "the minutes a restart takes before the load")):
+            ("--restart-minutes", args.restart_minutes, True, "the minutes a restart takes before the load"),
+            ("--images-per-core", getattr(args, "images_per_core", None), False,
+             "the images/s one CPU core produces (profiling/bench_data.py prints it)")):
         if value is not None and not (math.isfinite(value) and (value >= 0 if zero else value > 0)):
             raise ConfigError(f"{flag} {value:g}: give {what} (a number {'>= 0' if zero else '> 0'})")
     return Assumptions(storage_gbps=args.storage_gbps, node_gbps=args.storage_node_gbps, mtbf_hours=args.mtbf_hours,
@@ -273,6 +287,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         else:
             print(_best_line(choice))
             print("\n".join(run_lines(choice, checkpoint_plan(cfg, choice, device.gpus_per_node, assume), assume)))
+            print(_data_line(choice, device.gpus_per_node, args.images_per_core, cfg.data.colour_on))
     from harness.profiling.alignment import plan_note
     from harness.profiling.planner import plan_precision
 
@@ -291,13 +306,13 @@ def cmd_profile(args: argparse.Namespace) -> int:
                               f"(the first step allocates the optimizer state): use {flag} 1 or more")
     request = detect_launch()
     if args.dry_run:
-        return _dry_run("profile", args, request, synthetic_data=True, profile_name=args.device)
+        return _dry_run("profile", args, request, synthetic_data=not args.data, profile_name=args.device)
     from harness.profiling.measure import profile
     from harness.profiling.records import GIB
 
-    cfg = _launch_config(args, request, check_data=False)  # profile feeds synthetic crops
+    cfg = _launch_config(args, request, check_data=args.data)  # without --data, profile feeds synthetic crops
     points = profile(cfg, steps=args.steps, warmup=args.warmup, device_name=args.device,
-                     trace_dir=args.trace, memory_snapshot=args.memory_snapshot)
+                     trace_dir=args.trace, memory_snapshot=args.memory_snapshot, real_data=args.data)
     if len(points) < max(1, points[0].world_size):
         return 0  # not rank 0
     print(f"{'rank':>4s} {'peak GiB':>9s} {'params':>7s} {'grads':>7s} {'optim':>7s} {'acts':>7s} {'temps':>7s} "
@@ -308,6 +323,8 @@ def cmd_profile(args: argparse.Namespace) -> int:
               f"{m.activations / GIB:7.3f} {m.temporaries / GIB:7.3f} {t.step:8.4f} {t.forward:7.4f} "
               f"{t.backward:7.4f} {t.optimizer:7.4f} {t.images_per_second:7.2f} "
               f"{'' if t.mfu is None else f'{t.mfu:.1%}':>6s}")
+    for rank, p in enumerate(points):
+        print("\n".join(f"rank {rank} {note}" for note in p.notes if note.startswith("real data")))
     try:
         from harness.profiling.devices import get_device
         from harness.profiling.planner import predict
@@ -413,6 +430,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trace", metavar="DIR", help="torch.profiler chrome trace per rank")
     p.add_argument("--memory-snapshot", metavar="DIR", help="CUDA memory snapshot per rank")
     p.add_argument("--out", metavar="FILE", help="write the measured points (JSON, for `harness report --measured`)")
+    p.add_argument("--data", action="store_true", help="feed the configured loader (data.*) instead of fixed "
+                   "random crops, and say whether it keeps the step fed")
     _add_dry_run(p, "resolve and check the run like `harness pretrain --dry-run`, print it, stop")
     p.set_defaults(func=cmd_profile)
 
@@ -442,6 +461,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trust-pickle", action="store_true", help="with --from-vissl: torch.load a file that holds "
                    "Python objects besides tensors (runs its pickled code: only for files you trust)")
     p.set_defaults(func=cmd_export)
+
+    from harness.data.commands import add_data_commands
+
+    add_data_commands(sub)
 
     p = sub.add_parser("config", help="list presets or show a fully resolved config")
     csub = p.add_subparsers(dest="action", required=True)

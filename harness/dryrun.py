@@ -101,17 +101,31 @@ def describe_steps(cfg: RunConfig) -> str:
 
 
 def describe_data(cfg: RunConfig) -> str:
-    """What the loader would read; validate_launch has already refused a folder without images."""
+    """What the loader would read; validate_launch has already refused a source with nothing to read."""
     from harness.data.builtin import builtin_image_paths
     from harness.data.images import first_image
+    from harness.data.sources import resolve_source
 
-    if not cfg.data.path:
+    spec = resolve_source(cfg.data)
+    if spec.kind == "synthetic":
+        return "synthetic crops (no images read: the model's speed without the data path)"
+    if spec.kind == "builtin":
         photos = builtin_image_paths()
         return f"built-in photos ({len(photos)} files in {photos[0].parent})"
-    root = Path(cfg.data.path).expanduser()
-    found = first_image(root, cfg.data.extensions)
-    assert found is not None, "validate_launch refuses a folder without images"
-    return f"{root}: image folder (first found: {found.relative_to(root)})"
+    if spec.kind == "shards":
+        from harness.data.tar_reader import list_shards
+
+        shards = list_shards(spec.path)
+        return f"{spec.path}: {len(shards)} tar shards (first: {shards[0]})"
+    if spec.needs_index == "folder":
+        found = first_image(spec.path, cfg.data.extensions)
+        return (f"{spec.path}: image folder (first found: {found.relative_to(spec.path)}), listed once at start-up "
+                "(`harness data index` does it ahead of time)")
+    if spec.needs_index == "list":
+        return f"{spec.path}: list of image paths"
+    from harness.data.index import IndexFile
+
+    return f"{spec.path}: index of {len(IndexFile(spec.path)):,} images"
 
 
 def describe_device(device: "torch.device") -> str:

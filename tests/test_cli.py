@@ -79,8 +79,8 @@ def _one_line_config_error(argv: list[str], capsys) -> str:
 
 
 @pytest.mark.parametrize("layout, fix", [
-    ("missing", "does not exist: set data.path to a folder of images, or data.path=null"),
-    ("file", "is a file, not a folder: set data.path to the folder that holds the images"),
+    ("missing", "does not exist: set data.path to a folder of images, a list of paths, an index"),
+    ("file", "is a file, read as a list of image paths, but its first entry ('not a folder') is not a file"),
     ("empty", "holds no images"),
 ])
 def test_pretrain_refuses_a_data_path_without_images(tmp_path, layout, fix, capsys):
@@ -118,6 +118,24 @@ def test_plan_header_shows_the_precision_training_would_run(capsys):
     assert all("precision fp32 (not the config's fp16: parallel.precision=fp16 on CPU" in h for h in headers)
     rows = [line for line in out.splitlines() if line[:1].isalpha() and " x " in line and "yes" in line]
     assert rows and not any(r.startswith("fairscale") for r in rows)
+
+
+def test_plan_says_how_many_cpu_cores_per_gpu_loading_needs(capsys):
+    """The best setup's images/s per GPU over a measured images/s per core (default: this machine's)."""
+    import re
+
+    assert main(["plan", "-c", "seer_regnety_8gf", "--device", "h100-80gb", "--gpus", "8", "--images-per-core",
+                 "40"]) == 0
+    out = capsys.readouterr().out
+    best = float(re.search(r"best: .*?: ([\d.]+) images/s per GPU", out).group(1))
+    line = re.search(r"data: ([\d.]+) images/s per GPU need ([\d.]+) CPU cores per GPU \((\d+) per 8-GPU node\) "
+                     r"for loading at 40.0 images/s per core", out)
+    assert line and float(line.group(1)) == pytest.approx(best, abs=0.06)
+    assert float(line.group(2)) == pytest.approx(best / 40, abs=0.06)
+    assert int(line.group(3)) == round(8 * best / 40)
+    assert "data.colour_on=device (colour and blur on the GPU) needs" in out
+    assert main(["plan", "-c", "seer_regnety_8gf", "--images-per-core", "0"]) == 2
+    assert "--images-per-core 0: give the images/s one CPU core produces" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -189,7 +207,7 @@ def test_dry_run_names_the_deepspeed_json_and_the_data_folder(tmp_path, capsys):
                  "train.device=cpu", "--dry-run"]) == 0
     f = _dry_run_fields(capsys.readouterr().out)
     assert f["backend"] == "deepspeed ZeRO-3 (ds_configs/zero3_bf16.json); activation checkpointing off"
-    assert f["precision"] == "bf16" and f["data"] == f"{tmp_path}: image folder (first found: sub/a.png)"
+    assert f["precision"] == "bf16" and f["data"].startswith(f"{tmp_path}: image folder (first found: sub/a.png), listed once")
 
 
 @pytest.mark.parametrize("argv, fix", [

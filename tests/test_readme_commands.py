@@ -42,6 +42,10 @@ SKIPS: dict[str, str] = {}
 
 #: (README text, what runs here, why). {images}, {measured} and {port} are filled per run.
 ADAPTATIONS: tuple[tuple[str, str, str], ...] = (
+    ("harness data shards /data/my_images /data/shards", "harness data shards {images} {fresh}",
+     "the shards the other commands read are the fixture's; this writes a second set"),
+    ("/data/train.txt", "{list}", "a placeholder: a list of the temporary PNGs"),
+    ("/data/shards", "{shards}", "a placeholder: tar shards of the temporary PNGs"),
     ("--nproc_per_node 8", "--nproc_per_node 2", "2 CPU processes stand in for 8 GPUs"),
     ("--num_gpus 8", "--num_gpus 2", "2 CPU processes stand in for 8 GPUs"),
     ("--hostfile hostfile", "--num_gpus 2", "no hostfile or ssh here: one node of 2 processes"),
@@ -158,7 +162,8 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def places(tmp_path_factory) -> dict[str, str]:
-    """A folder of two small PNGs and a points file: what the README's placeholders stand for."""
+    """A folder of two small PNGs, a list and tar shards of them, and a points file: what the README's
+    placeholders stand for."""
     from PIL import Image
 
     from harness.profiling.records import MemoryBreakdown, Point, Strategy, TimeBreakdown
@@ -172,7 +177,13 @@ def places(tmp_path_factory) -> dict[str, str]:
     measured = Point(model="quickstart", strategy=Strategy(backend="none", precision="fp32", micro_batch=32),
                      device="CPU", world_size=1, memory=MemoryBreakdown(peak=2**28),
                      time=TimeBreakdown(step=1.0, images_per_second=32.0), source="measured")
-    return {"images": str(root / "images"), "measured": str(write_points_json([measured], root / "m.json"))}
+    from harness.data.shards import write_shards
+
+    pngs = sorted(str(p) for p in images.iterdir())
+    (root / "list.txt").write_text("\n".join(pngs) + "\n")
+    write_shards(pngs, root / "shards", progress=False)
+    return {"images": str(root / "images"), "measured": str(write_points_json([measured], root / "m.json")),
+            "list": str(root / "list.txt"), "shards": str(root / "shards"), "fresh": str(root / "shards-2")}
 
 
 def adapt(text: str, places: dict[str, str]) -> list[str]:
@@ -185,7 +196,7 @@ def adapt(text: str, places: dict[str, str]) -> list[str]:
         argv[0] = sys.executable
     elif (BIN / argv[0]).exists():
         argv[0] = str(BIN / argv[0])
-    harness_words = {"models", "config"} & set(argv)
+    harness_words = {"models", "config", "data"} & set(argv[1:2])
     return argv if harness_words and argv[0].endswith("harness") else [*argv, "--dry-run"]
 
 
@@ -305,7 +316,7 @@ def with_override(argv: list[str], item: str) -> list[str]:
 def test_readme_command_runs(command: Command, places):
     argv = adapt(command.text, places)
     out = run(argv)
-    if argv[-1] != "--dry-run":  # harness models / config: run as they are
+    if argv[-1] != "--dry-run":  # harness models / config / data: run as they are
         assert out.returncode == 0 and out.stdout.strip(), out.stderr
         return
     error = refusal(argv, out)

@@ -74,11 +74,18 @@ class DataConfig:
     """
 
     path: Optional[str] = None
+    # auto: from data.path (none: built-in photos; a folder, its index.harnidx, a .txt list, tar shards);
+    # or one of builtin, folder, index, list, shards, synthetic (random crops: the model without the data path)
+    source: str = "auto"
     extensions: list[str] = field(
-        default_factory=lambda: [".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"]
+        default_factory=lambda: [".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"]
     )
     batch_size: int = 16
     num_workers: int = 2
+    prefetch_factor: int = 4  # batches each worker keeps ready
+    shuffle_buffer: int = 1000  # tar shards: samples mixed within a shard while streaming it
+    watch: bool = True  # tar shards: list the location again at each pass, so new shards join
+    colour_on: str = "cpu"  # cpu | device: colour jitter, grayscale and blur batched on the accelerator
     crops: list[CropConfig] = field(
         default_factory=lambda: [
             CropConfig(size=224, count=2, scale=[0.14, 1.0]),

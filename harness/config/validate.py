@@ -92,6 +92,13 @@ def _check_crops(cfg: RunConfig) -> None:
     )
     _require(cfg.data.batch_size >= 1, f"data.batch_size={cfg.data.batch_size} must be at least 1")
     _require(cfg.data.num_workers >= 0, f"data.num_workers={cfg.data.num_workers} must be >= 0")
+    from harness.data.sources import SOURCES
+
+    _require(cfg.data.source in SOURCES, f"data.source={cfg.data.source!r} is not one of {', '.join(SOURCES)}")
+    _require(cfg.data.colour_on in ("cpu", "device"), f"data.colour_on={cfg.data.colour_on!r}: use cpu or device")
+    _require(cfg.data.prefetch_factor >= 1, f"data.prefetch_factor={cfg.data.prefetch_factor} must be >= 1")
+    _require(cfg.data.shuffle_buffer >= 1, f"data.shuffle_buffer={cfg.data.shuffle_buffer} must be >= 1 "
+             "(1: no shuffling inside a shard)")
     _require(any(e.strip(".") for e in cfg.data.extensions),
              "data.extensions is empty: list the file endings to load, e.g. data.extensions=[.jpg,.png]")
     aug = cfg.data.augment
@@ -262,23 +269,56 @@ def _check_syncbn_groups(size: int, world_size: int, local_world_size: int | Non
 
 
 def check_data_path(data: DataConfig) -> None:
-    """data.path must be a folder holding at least one image; the loader would
-    otherwise fail after the model and process group are built. Stops at the first
-    image, so a folder of a billion files costs one directory read."""
+    """`data.path` must name something readable -- a folder with at least one image, a list, an
+    index, tar shards -- or the loader would fail after the model and process group are built.
+    Cheap at any size: a folder stops at its first image, an index opens memory-mapped."""
     from harness.data.images import first_image
+    from harness.data.sources import resolve_source
 
-    if not data.path:
+    spec = resolve_source(data)
+    if spec.kind == "builtin":
         _check_builtin_photos()
-        return
-    root = Path(data.path).expanduser()
-    _require(root.exists(), f"data.path={data.path!r} does not exist: set data.path to a folder of images, "
-                            "or data.path=null for the built-in photos")
-    _require(root.is_dir(), f"data.path={data.path!r} is a file, not a folder: set data.path to the folder "
-                            f"that holds the images (data.path={str(root.parent)!r}?)")
-    exts = ",".join(sorted({"." + e.lower().lstrip(".") for e in data.extensions if e.strip(".")}))
-    _require(first_image(root, data.extensions) is not None,
-             f"data.path={data.path!r} holds no images (searched recursively for {exts}): set data.path "
-             "to a folder of images, or add their file ending to data.extensions")
+    elif spec.kind == "shards":
+        from harness.data.tar_reader import list_shards
+
+        _require(bool(list_shards(spec.path)), f"data.path={data.path!r} names no tar shards: give a folder of "
+                 ".tar files, a brace pattern (shard-{000000..000099}.tar) or a shards.json; "
+                 "`harness data shards DIR OUT` writes them")
+    elif spec.needs_index == "folder":
+        exts = ",".join(sorted({"." + e.lower().lstrip(".") for e in data.extensions if e.strip(".")}))
+        _require(first_image(spec.path, data.extensions) is not None,
+                 f"data.path={data.path!r} holds no images (searched recursively for {exts}): set data.path "
+                 "to a folder of images, or add their file ending to data.extensions")
+    elif spec.needs_index == "list":
+        _check_list(data.path, spec.path)
+    elif spec.kind == "index" and spec.needs_index is None:
+        from harness.data.index import IndexFile
+
+        try:
+            IndexFile(spec.path)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+
+
+def _check_list(given: str, path: Path) -> None:
+    """A file that is not an index or shards is read as a list of paths: its first entry must exist,
+    which also catches a photo or an archive passed where its folder was meant."""
+    from itertools import islice
+
+    from harness.data.index import _list_lines
+
+    try:
+        first = next(islice(_list_lines(str(path)), 1), None)
+    except (OSError, ValueError):
+        first = None
+    if first is not None and len(first) < 4096:
+        target = Path(first) if Path(first).is_absolute() else path.parent / first
+        if target.is_file():
+            return
+    shown = "no path" if first is None else repr(first[:60])
+    raise ConfigError(f"data.path={given!r} is a file, read as a list of image paths, but its first entry "
+                      f"({shown}) is not a file: set data.path to a folder of images, a list with one image path "
+                      f"per line, an index (`harness data index`) or tar shards")
 
 
 def _check_builtin_photos() -> None:

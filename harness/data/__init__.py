@@ -1,37 +1,26 @@
-"""Images -> multi-crop batches: folder scanning, built-in photos, augmentation, loading."""
+"""Images -> multi-crop batches: sources (folders, indexes, lists, tar shards, built-in, synthetic),
+the global resumable order, robust decoding, multi-crop augmentation, the device-side finish.
 
-from harness.data.builtin import BUILTIN_PHOTOS, builtin_image_paths
-from harness.data.images import ImageDataset, find_images, load_image, to_rgb
-from harness.data.loader import (
-    EpochSampler,
-    RepeatedDataset,
-    SeededDataset,
-    build_dataloader,
-    collate_crops,
-    count_images,
-    sample_seed,
-    set_epoch,
-)
-from harness.data.multicrop import MultiCrop, validate_augment, validate_crops
-from harness.data.stream import DataStream
+Names are imported on first use (PEP 562), so that `harness data ...` and
+`harness config` do not pay for importing torch.
+"""
 
-__all__ = [
-    "BUILTIN_PHOTOS",
-    "DataStream",
-    "EpochSampler",
-    "ImageDataset",
-    "MultiCrop",
-    "RepeatedDataset",
-    "SeededDataset",
-    "build_dataloader",
-    "builtin_image_paths",
-    "collate_crops",
-    "count_images",
-    "find_images",
-    "load_image",
-    "sample_seed",
-    "set_epoch",
-    "to_rgb",
-    "validate_augment",
-    "validate_crops",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_WHERE = {
+    "BUILTIN_PHOTOS": "builtin", "builtin_image_paths": "builtin",
+    "find_images": "images", "to_rgb": "decode",
+    "IndexedBatches": "loader", "SyntheticBatches": "loader", "collate_views": "loader", "sample_seed": "loader",
+    "Permutation": "order", "pass_permutation": "order",
+    "DataStream": "stream", "IndexedReader": "stream", "ShardReader": "stream", "build_stream": "stream",
+}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module 'harness.data' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"harness.data.{_WHERE[name]}"), name)

@@ -1,8 +1,9 @@
 """`harness profile`: real steps of a config on the hardware at hand, measured per rank.
 
 Same build path as `harness pretrain` (launcher request, runtime, engine),
-but fed fixed random crops of the config's sizes so that the numbers are the
-training step's, not the data loader's. Per rank: memory by category at the
+fed fixed random crops of the config's sizes so that the numbers are the
+training step's, not the data loader's; with `real_data` it runs the
+configured loader instead and says whether the loader keeps the step fed. Per rank: memory by category at the
 peak (`memory.measure_step`; on CUDA also the allocator's allocated/reserved
 peak), step time split into forward (incl. the SwAV loss), backward and
 optimizer, images/s, and MFU from FLOPs counted on the actual multi-crop
@@ -59,9 +60,49 @@ def device_profile_for(device: torch.device, name: Optional[str]) -> Any:
     return get_device("cpu")
 
 
+class _Feed:
+    """The real loader in front of the step: how long each step waited for its batch."""
+
+    def __init__(self, cfg: RunConfig, rt: Any, layout: torch.memory_format) -> None:
+        from harness.data import build_stream
+
+        self.stream = build_stream(cfg.data, seed=cfg.train.seed, rank=rt.rank, world_size=rt.world_size,
+                                   device=rt.device, memory_format=layout, cache_dir=Path(cfg.train.output_dir),
+                                   is_main=rt.is_main)
+        self.waits: list[float] = []
+
+    def __call__(self) -> list[torch.Tensor]:
+        start = time.perf_counter()
+        crops = next(self.stream)
+        self.waits.append(time.perf_counter() - start)
+        return crops
+
+    def loader_rate(self, batches: int, batch_size: int) -> float:
+        """Images/s the loader alone delivers on this rank (its workers, no model), after taking what the
+        workers had prefetched while the steps ran (that would time a queue, not the workers)."""
+        for _ in range(self.stream.prefetch_factor * max(self.stream.num_workers, 1) + 1):
+            self.stream.next_batch()
+        start = time.perf_counter()
+        for _ in range(batches):
+            self.stream.next_batch()
+        return batches * batch_size / (time.perf_counter() - start)
+
+
+def feed_note(wait: float, step: float, loader: float, needed: float, workers: int) -> str:
+    """Whether the loader keeps the step fed: it must deliver at least the step's images/s, and the step
+    must barely wait for it (under 5% of the step)."""
+    fed = loader >= needed and wait <= 0.05 * step
+    return (f"real data: waited {wait * 1e3:.1f} ms per {step * 1e3:.1f} ms step; loader alone {loader:.1f} img/s "
+            f"with {workers} workers vs {needed:.1f} img/s the step consumes: "
+            + ("keeps the step fed" if fed else "does NOT keep the step fed (raise data.num_workers, set "
+               "data.colour_on=device, or give the job more CPU cores per GPU)"))
+
+
 def profile(cfg: RunConfig, steps: int = 5, warmup: int = 2, device_name: Optional[str] = None,
-            trace_dir: Optional[str] = None, memory_snapshot: Optional[str] = None) -> list[Point]:
-    """Run warmup + steps; returns every rank's measured Point on rank 0 (its own elsewhere)."""
+            trace_dir: Optional[str] = None, memory_snapshot: Optional[str] = None,
+            real_data: bool = False) -> list[Point]:
+    """Run warmup + steps; returns every rank's measured Point on rank 0 (its own elsewhere).
+    `real_data`: feed the configured loader instead of fixed crops, and say whether it keeps up."""
     from harness.parallel.support import check_supported
     from harness.profiling.memory import measure_step
     from harness.profiling.timing import step_work
@@ -82,6 +123,8 @@ def profile(cfg: RunConfig, steps: int = 5, warmup: int = 2, device_name: Option
     layout = torch.channels_last if uses_channels_last(cfg, rt) else torch.preserve_format
     crops = [torch.randn(cfg.data.batch_size, 3, c.size, c.size, generator=g).to(rt.device, memory_format=layout)
              for c in cfg.data.crops for _ in range(c.count)]
+    feed = _Feed(cfg, rt, layout) if real_data else None
+    batches = feed if feed is not None else (lambda: crops)
     clock = _Clock(engine, rt.device)
     runner = StepRunner(engine, cfg, rt)  # the training loop's step: verdict, gated update, buffer snapshot
     times: list[tuple[float, float, float, float]] = []
@@ -90,7 +133,7 @@ def profile(cfg: RunConfig, steps: int = 5, warmup: int = 2, device_name: Option
         _sync(rt.device)
         start = time.perf_counter()
         clock.marks.clear()
-        loss, _ = runner.forward_backward(lambda: crops, warmup + i)
+        loss, _ = runner.forward_backward(batches, warmup + i)
         _sync(rt.device)
         mid = time.perf_counter()
         forward_one = (clock.marks[0] if clock.marks else start) - start  # micro-batches alike
@@ -119,6 +162,12 @@ def profile(cfg: RunConfig, steps: int = 5, warmup: int = 2, device_name: Option
     timed = times[1:] if len(times) > 1 else times  # the measured step pays for the tracker
     mean = [sum(t[k] for t in timed) / len(timed) for k in range(4)]
     images = cfg.data.batch_size * cfg.train.grad_accum
+    notes = [f"rank {rt.rank}", "synthetic crops (data loading excluded)"]
+    if feed is not None:
+        waits = feed.waits[-len(timed) * cfg.train.grad_accum:]
+        wait = sum(waits) / len(timed)
+        loader = feed.loader_rate(max(4, 3 * cfg.data.num_workers), cfg.data.batch_size)
+        notes = [f"rank {rt.rank}", feed_note(wait, mean[0], loader, images / mean[0], cfg.data.num_workers)]
     profile_ = device_profile_for(rt.device, device_name)
     strategy = Strategy.from_config(cfg)
     mfu = None
@@ -131,7 +180,7 @@ def profile(cfg: RunConfig, steps: int = 5, warmup: int = 2, device_name: Option
                   time=TimeBreakdown(step=mean[0], forward=mean[1], backward=mean[2], optimizer=mean[3],
                                      images_per_second=images / mean[0], mfu=mfu),
                   source="measured", device_memory=profile_.memory_bytes if profile_ else 0,
-                  notes=[f"rank {rt.rank}", "synthetic crops (data loading excluded)"])
+                  notes=notes)
     if rt.world_size > 1 and dist.is_initialized():
         gathered: list[Any] = [None] * rt.world_size
         dist.all_gather_object(gathered, point.to_dict())

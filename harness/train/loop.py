@@ -24,7 +24,7 @@ from harness.checkpoint.manager import Checkpointer
 from harness.checkpoint.resume import Start, resolve_start
 from harness.config.loader import to_dict
 from harness.config.schema import RunConfig
-from harness.data import DataStream, build_dataloader
+from harness.data import DataStream, build_stream
 from harness.optim import build_schedule
 from harness.parallel.build import build_engine, uses_channels_last
 from harness.parallel.support import check_supported
@@ -35,8 +35,6 @@ from harness.train.metrics import MetricsLogger, progress_bar
 from harness.train.rundir import prepare_run_dir
 from harness.train.state import TrainState
 from harness.train.step import StepRunner
-
-MIN_BATCHES_PER_EPOCH = 100  # so loader workers prefetch across steps, even on tiny folders
 
 
 @dataclass
@@ -80,6 +78,11 @@ def device_memory(device: torch.device) -> dict[str, float]:
             "max_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30}
 
 
+def skipped_images(data: DataStream) -> dict[str, float]:
+    """This rank's bad images and shards so far, by reason (the loader logs each file once)."""
+    return {f"data_skipped_{reason}": float(n) for reason, n in sorted(data.skipped.items())}
+
+
 def global_batch_size(cfg: RunConfig, rt: Runtime) -> int:
     """Images per optimizer step: what LR scaling and Sinkhorn normalisation see."""
     return cfg.data.batch_size * rt.world_size * cfg.train.grad_accum
@@ -93,10 +96,9 @@ def build_state(cfg: RunConfig, rt: Runtime) -> TrainState:
 
 def _build(cfg: RunConfig, rt: Runtime, run_dir: Path, start: Start, config: dict) -> tuple:
     """Data stream, model/optimizer state and checkpointer, continued from `start`."""
-    loader = build_dataloader(cfg.data, rank=rt.rank, world_size=rt.world_size, seed=cfg.train.seed,
-                              epoch_length=MIN_BATCHES_PER_EPOCH * cfg.data.batch_size * rt.world_size)
-    data = DataStream(loader, rt.device,
-                      torch.channels_last if uses_channels_last(cfg, rt) else torch.preserve_format)
+    data = build_stream(cfg.data, seed=cfg.train.seed, rank=rt.rank, world_size=rt.world_size, device=rt.device,
+                        memory_format=torch.channels_last if uses_channels_last(cfg, rt) else torch.preserve_format,
+                        cache_dir=run_dir, is_main=rt.is_main)
     state = build_state(cfg, rt)
     checkpointer = Checkpointer(run_dir, cfg, config, rt)
     if start.kind == "resume":
@@ -153,7 +155,7 @@ def pretrain(cfg: RunConfig) -> RunResult:
         if (done.step + 1) % cfg.train.log_every == 0 or done.step + 1 == cfg.train.iterations or verdict.bad:
             logger.log(done.step + 1, {"loss": verdict.loss, "lr": done.lr, "images_per_s": images_per_s,
                                        "images_seen": done.images_seen, "stepped": float(verdict.stepped),
-                                       **device_memory(rt.device)})
+                                       **skipped_images(data), **device_memory(rt.device)})
         return verdict
 
     engine.train()

@@ -122,9 +122,9 @@ def _launch_with_data(path) -> None:
 
 
 @pytest.mark.parametrize("layout, message", [
-    ("missing", "does not exist: set data.path to a folder of images, or data.path=null"),
-    ("file", "is a file, not a folder: set data.path to the folder that holds the images"),
-    ("empty", "holds no images (searched recursively for .bmp,.jpeg,.jpg,.png,.tif,.tiff,.webp)"),
+    ("missing", "does not exist: set data.path to a folder of images, a list of paths, an index"),
+    ("file", "is a file, read as a list of image paths, but its first entry ('x') is not a file"),
+    ("empty", "holds no images (searched recursively for .bmp,.gif,.jpeg,.jpg,.png,.tif,.tiff,.webp)"),
     ("hidden_only", "holds no images"),
 ])
 def test_data_path_without_images_is_refused(tmp_path, layout, message):

@@ -1,14 +1,14 @@
-"""Folder scanning, corrupt-file handling and the built-in photographs."""
+"""Folder scanning and the built-in photographs (bad files: test_decode.py, test_bad_data.py)."""
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from harness.data import BUILTIN_PHOTOS, ImageDataset, builtin_image_paths, find_images, load_image
+from harness.data import BUILTIN_PHOTOS, builtin_image_paths, find_images
+from harness.data.decode import decode, open_image
 from harness.data.images import first_image
 
 EXTS = [".jpg", ".jpeg", ".png"]
@@ -61,38 +61,12 @@ def test_first_image_follows_find_images_rules(tmp_path: Path) -> None:
     assert first_image(tmp_path, ["png"]) is None
 
 
-def test_corrupt_file_is_skipped_counted_and_warned_once(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    good = _save(tmp_path / "a.png", (10, 20, 30))
-    bad = tmp_path / "b.jpg"
-    bad.write_bytes(b"\xff\xd8 this is not a jpeg" * 10)
-    after = _save(tmp_path / "c.png", (250, 250, 0))
-    paths = find_images(tmp_path, EXTS)
-    assert paths == [good, bad, after]
-    dataset = ImageDataset(paths)
-    with caplog.at_level(logging.WARNING, logger="harness.data.images"):
-        first = dataset[1]
-        second = dataset[1]
-    assert first.getpixel((0, 0)) == (250, 250, 0)  # the next decodable image
-    assert second.getpixel((0, 0)) == (250, 250, 0)
-    assert dataset.num_skipped == 1 and dataset.skipped == {bad}
-    warnings = [r for r in caplog.records if "b.jpg" in r.getMessage()]
-    assert len(warnings) == 1
-    assert dataset[0].getpixel((0, 0)) == (10, 20, 30)
-
-
-def test_all_files_corrupt_is_a_clear_error(tmp_path: Path) -> None:
-    bad = tmp_path / "x.jpg"
-    bad.write_bytes(b"garbage")
-    with pytest.raises(RuntimeError, match="none of the 1 images decodes"):
-        ImageDataset([bad])[0]
-
-
 def test_builtin_photos_decode() -> None:
     paths = builtin_image_paths()
     print(f"{len(paths)} built-in photos: {[p.name for p in paths]}")
     assert len(paths) >= 15
     assert [p.name for p in paths] == [n for n in BUILTIN_PHOTOS if n in {p.name for p in paths}]
     for path in paths:
-        image = load_image(path)
+        image = decode(open_image(path))
         assert image.mode == "RGB"
         assert min(image.size) >= 128, (path.name, image.size)

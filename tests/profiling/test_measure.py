@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -53,9 +55,12 @@ def test_profile_cli_writes_points(tmp_path, capsys):
 
     torch.set_num_threads(1)
     out = tmp_path / "measured.json"
-    assert main(["profile", "-c", "quickstart", *TINY, "--steps", "2", "--warmup", "1", "--out", str(out)]) == 0
+    assert main(["profile", "-c", "quickstart", *TINY, f"train.output_dir={tmp_path}", "--steps", "2", "--warmup",
+                 "1", "--out", str(out), "--data"]) == 0
     printed = capsys.readouterr().out
     assert "predicted: peak" in printed
+    assert re.search(r"rank 0 real data: waited [\d.]+ ms per [\d.]+ ms step; loader alone [\d.]+ img/s with \d "
+                     r"workers vs [\d.]+ img/s the step consumes: (keeps|does NOT keep) the step fed", printed), printed
     (point,) = read_points(out)
     assert point.source == "measured" and point.world_size == 1 and point.memory.peak > 0
 

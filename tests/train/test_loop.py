@@ -98,6 +98,10 @@ def test_user_image_folder(tmp_path):
     images.mkdir(parents=True)
     for i in range(3):
         Image.new("RGB", (80, 60), color=(40 * i, 100, 200 - 50 * i)).save(images / f"img{i}.png")
-    result = pretrain(tiny_config(tmp_path, f"data.path={tmp_path / 'images'}", "train.iterations=1",
+    (images / "empty.jpg").write_bytes(b"")
+    (images / "page.png").write_bytes(b"<html>404</html>")
+    result = pretrain(tiny_config(tmp_path, f"data.path={tmp_path / 'images'}", "train.iterations=2",
                                   "schedule.warmup_iters=0"))
-    assert len(result.losses) == 1
+    assert len(result.losses) == 2 and all(torch.isfinite(torch.tensor(result.losses)))
+    last = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["data_skipped_empty"] >= 1 and last["data_skipped_not_image"] >= 1  # 8 positions cover all 5
