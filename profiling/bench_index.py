@@ -77,8 +77,10 @@ def probe_stream(path: str) -> None:
 
     from harness.config.schema import DataConfig
     from harness.data import build_stream
-    from harness.data.decode import decode  # noqa: F401 - the modules every rank imports anyway
-    from harness.data.multicrop import MultiCrop  # noqa: F401
+    import harness.data.decode
+    import harness.data.multicrop
+
+    assert harness.data.decode and harness.data.multicrop  # imported before the baseline: every rank has them
 
     torch.set_num_threads(1)
     base_peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 
 from harness.config.schema import AugmentConfig
-from harness.data.multicrop import GREY, ColourParams, normalize_constants, shift_hue, validate_augment
+from harness.data.colour import GREY, ColourParams, shift_hue
+from harness.data.multicrop import normalize_constants, validate_augment
 
 BLUR_SIGMAS = 3.0  # kernel half-width in sigmas
 

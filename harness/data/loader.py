@@ -22,7 +22,6 @@ double weight wherever bad files cluster.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -42,8 +41,7 @@ Batch = dict[str, Any]  # {"crops": [uint8 (B,3,H,W)], "ids": int64 (B,), "skipp
 
 def sample_seed(seed: int, position: int) -> int:
     """63-bit seed of one position's augmentation (a hash: neighbours share no streams)."""
-    digest = hashlib.blake2b(f"{seed}:{position}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
+    return derive_key("sample", seed, position) >> 1
 
 
 def collate_views(samples: list[list[torch.Tensor]]) -> list[torch.Tensor]:

@@ -139,10 +139,12 @@ def resolve_source(cfg: DataConfig) -> SourceSpec:
 
 
 def ensure_index(spec: SourceSpec, cfg: DataConfig, cache_dir: Path, *, is_main: bool) -> SourceSpec:
-    """Folders and lists become an index file once, written by the main rank into `cache_dir`.
+    """Folders and lists become an index file once, written by the main rank into `cache_dir` (the run
+    folder), and kept: the run's listing is frozen at its start, so a resumed run reads the same order
+    even if files were added since (the cursor counts positions in that order). A new run, or the same
+    run pointed at another data.path, lists again.
 
-    Collective when torch.distributed is initialised (the others wait for the
-    file). Reused by later runs in the same folder unless the source is newer.
+    Collective when torch.distributed is initialised (the others wait for the file).
     """
     if spec.needs_index is None:
         return spec
@@ -150,18 +152,18 @@ def ensure_index(spec: SourceSpec, cfg: DataConfig, cache_dir: Path, *, is_main:
 
     from harness.data.index import index_folder, index_list
 
-    target = cache_dir / ("data-" + INDEX_NAME)
-    if is_main:
-        fresh = target.exists() and target.stat().st_mtime >= spec.path.stat().st_mtime  # type: ignore[union-attr]
-        if not fresh:
-            if spec.needs_index == "folder":
-                log.warning("listing %s into %s; for big folders run `harness data index %s` once and every run "
-                            "reuses it", spec.path, target, spec.path)
-                cache_dir.mkdir(parents=True, exist_ok=True)
-                index_folder(spec.path, target, cfg.extensions)
-            else:
-                cache_dir.mkdir(parents=True, exist_ok=True)
-                index_list(spec.path, target)
+    target, origin = cache_dir / ("data-" + INDEX_NAME), cache_dir / "data-index.source"
+    source = str(Path(spec.path).resolve())  # type: ignore[arg-type]
+    if is_main and not (target.exists() and origin.exists() and origin.read_text() == source):
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        origin.unlink(missing_ok=True)
+        if spec.needs_index == "folder":
+            log.warning("listing %s into %s; for big folders run `harness data index %s` once and every run "
+                        "reuses it", spec.path, target, spec.path)
+            index_folder(spec.path, target, cfg.extensions)
+        else:
+            index_list(spec.path, target)
+        origin.write_text(source)  # after the index: a crash in between lists again
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
     return SourceSpec("index", target)

@@ -14,7 +14,8 @@ from harness.config.schema import AugmentConfig, CropConfig
 from harness.data.builtin import builtin_image_paths
 from harness.data.decode import decode, open_image
 from harness.data.device_augment import AugmentParams, DeviceAugment, gaussian_blur
-from harness.data.multicrop import MultiCrop, _to_tensor, colour, normalize
+from harness.data.colour import colour
+from harness.data.multicrop import MultiCrop, _to_tensor, normalize
 
 
 @pytest.fixture(scope="module")

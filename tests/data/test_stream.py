@@ -186,3 +186,18 @@ def test_colour_on_device_gives_normalised_views_from_uint8(folder: Path, tmp_pa
     cpu = next(streams(tiny_data(str(folder), num_workers=1), 1, tmp_path)[0])
     assert not all(torch.equal(t, u) for t, u in zip(x, cpu))
     assert -3 < float(x[0].mean()) < 3 and float(x[0].std()) > 0.1
+
+
+def test_a_runs_listing_is_frozen_at_its_start(folder: Path, tmp_path: Path) -> None:
+    """A resumed run keeps the order its cursor counts in, even if files were added; another path lists anew."""
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(folder, copy)
+    streams(tiny_data(str(copy)), 1, tmp_path)
+    (copy / "late.png").write_bytes((copy / "part0" / "img0000.png").read_bytes())
+    streams(tiny_data(str(copy)), 1, tmp_path)
+    assert len(IndexFile(tmp_path / "cache" / "data-index.harnidx")) == N
+    (tmp_path / "list.txt").write_text(str(copy / "late.png") + "\n")
+    streams(tiny_data(str(tmp_path / "list.txt")), 1, tmp_path)
+    assert len(IndexFile(tmp_path / "cache" / "data-index.harnidx")) == 1
