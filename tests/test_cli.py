@@ -124,17 +124,20 @@ def test_plan_says_how_many_cpu_cores_per_gpu_loading_needs(capsys):
     """The best setup's images/s per GPU over a measured images/s per core (default: this machine's)."""
     import re
 
-    assert main(["plan", "-c", "seer_regnety_8gf", "--device", "h100-80gb", "--gpus", "8", "--images-per-core",
-                 "40"]) == 0
+    from harness.profiling.devices import get_device
+
+    assert main(["plan", "-c", "quickstart", "--device", "cpu", "--gpus", "2", *TINY_PLAN,
+                 "--images-per-core", "4"]) == 0
     out = capsys.readouterr().out
     best = float(re.search(r"best: .*?: ([\d.]+) images/s per GPU", out).group(1))
-    line = re.search(r"data: ([\d.]+) images/s per GPU need ([\d.]+) CPU cores per GPU \((\d+) per 8-GPU node\) "
-                     r"for loading at 40.0 images/s per core", out)
+    per_node = get_device("cpu").gpus_per_node
+    line = re.search(rf"data: ([\d.]+) images/s per GPU need ([\d.]+) CPU cores per GPU \((\d+) per "
+                     rf"{per_node}-GPU node\) for loading at 4.0 images/s per core", out)
     assert line and float(line.group(1)) == pytest.approx(best, abs=0.06)
-    assert float(line.group(2)) == pytest.approx(best / 40, abs=0.06)
-    assert int(line.group(3)) == round(8 * best / 40)
+    assert float(line.group(2)) == pytest.approx(best / 4, abs=0.06)
+    assert int(line.group(3)) == round(per_node * best / 4)
     assert "data.colour_on=device (colour and blur on the GPU) needs" in out
-    assert main(["plan", "-c", "seer_regnety_8gf", "--images-per-core", "0"]) == 2
+    assert main(["plan", "-c", "quickstart", "--images-per-core", "0"]) == 2
     assert "--images-per-core 0: give the images/s one CPU core produces" in capsys.readouterr().err
 
 

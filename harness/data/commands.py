@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from harness.config.loader import ConfigError
+from harness.data.index import INDEX_NAME
 
-INDEX_NAME = "index.harnidx"  # as harness.data.sources reads a folder's index
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 

@@ -54,6 +54,7 @@ from harness.config.loader import ConfigError
 log = logging.getLogger(__name__)
 
 MAGIC = b"HARNIDX1"
+INDEX_NAME = "index.harnidx"  # a folder's own index, DIR/index.harnidx: data.path=DIR reads it
 VERSION = 1
 HEADER = struct.Struct("<8sIIQQQQ")  # magic, version, flags, count, root_len, blob_len, offsets_pos
 _PAIR = struct.Struct("<QQ")

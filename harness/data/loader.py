@@ -36,7 +36,9 @@ from harness.data.order import derive_key, pass_permutation
 log = logging.getLogger(__name__)
 
 MAX_REPLACEMENTS = 64  # draws for one position before deciding the source is unreadable
-Batch = dict[str, Any]  # {"crops": [uint8 (B,3,H,W)], "ids": int64 (B,), "skipped": {reason: n}, "progress": ...}
+# {"crops": [uint8 (B,3,H,W)], "ids": int64 (B,), "skipped": {reason: n}, "key": the batch's identity (seeds the
+#  device-side augmentations, so they do not depend on which worker or process made the batch), shards: "progress"}
+Batch = dict[str, Any]
 
 
 def sample_seed(seed: int, position: int) -> int:
@@ -103,7 +105,8 @@ class IndexedBatches(IterableDataset):
             sample, used = self._sample(position, index, skipped)
             views.append(sample)
             ids.append(used)
-        return {"crops": collate_views(views), "ids": torch.tensor(ids, dtype=torch.int64), "skipped": dict(skipped)}
+        return {"crops": collate_views(views), "ids": torch.tensor(ids, dtype=torch.int64), "skipped": dict(skipped),
+                "key": int(positions[0])}
 
     def _sample(self, position: int, index: int, skipped: Counter[str]) -> tuple[list[torch.Tensor], int]:
         """The views of the image at `position`; if it is bad, of a replacement. Only the scheduled
@@ -157,5 +160,5 @@ class SyntheticBatches(IterableDataset):
             g = torch.Generator().manual_seed(sample_seed(self.seed, base))
             crops = [torch.randint(0, 256, (self.batch_size, 3, s, s), dtype=torch.uint8, generator=g)
                      for s in self.sizes]
-            yield {"crops": crops, "ids": torch.arange(base, base + self.batch_size), "skipped": {}}
+            yield {"crops": crops, "ids": torch.arange(base, base + self.batch_size), "skipped": {}, "key": base}
             j += workers

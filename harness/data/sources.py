@@ -19,12 +19,11 @@ from typing import Any, Optional, Protocol
 
 from harness.config.loader import ConfigError
 from harness.config.schema import DataConfig
+from harness.data.index import INDEX_NAME
 
 log = logging.getLogger(__name__)
 
 SOURCES = ("auto", "builtin", "folder", "index", "list", "shards", "synthetic")
-INDEX_NAME = "index.harnidx"  # `harness data index DIR` writes DIR/index.harnidx
-LIST_SUFFIXES = (".txt", ".lst", ".list")
 
 
 class IndexedSource(Protocol):
@@ -36,7 +35,7 @@ class IndexedSource(Protocol):
 
 
 class PathSource:
-    """Images named by a sequence of paths: an `IndexFile` (memory-mapped) or a short list."""
+    """Images named by a sequence of paths: an `IndexFile` (read on demand, never loaded whole) or a list."""
 
     def __init__(self, paths: Sequence[str], where: str) -> None:
         self.paths, self.where = paths, where

@@ -116,7 +116,7 @@ class FinishedBatches(IterableDataset):
     def __iter__(self) -> Any:
         for batch in self.inner:
             if batch["crops"]:
-                batch["crops"] = self.finish(batch["crops"], sample_seed(self.seed, int(batch["ids"][0])))
+                batch["crops"] = self.finish(batch["crops"], sample_seed(self.seed, batch["key"]))
             yield batch
 
 
@@ -130,10 +130,10 @@ class DataStream:
 
     def __init__(self, reader: Reader, *, num_workers: int = 0, prefetch_factor: int = 2,
                  device: torch.device | str = "cpu", memory_format: torch.memory_format = torch.preserve_format,
-                 finish: Any = None, seed: int = 0, rank: int = 0) -> None:
+                 finish: Any = None, seed: int = 0) -> None:
         self.reader, self.num_workers, self.prefetch_factor = reader, num_workers, prefetch_factor
         self.device, self.memory_format = torch.device(device), memory_format
-        self.finish, self.seed, self.rank = finish, seed, rank
+        self.finish, self.seed = finish, seed
         self.finish_in_workers = finish is not None and self.device.type == "cpu" and num_workers > 0
         self.skipped: Counter[str] = Counter()
         self.delivered = 0
@@ -164,9 +164,10 @@ class DataStream:
         return batch
 
     def __next__(self) -> list[torch.Tensor]:
-        crops = [c.to(self.device, non_blocking=True) for c in self.next_batch()["crops"]]
+        batch = self.next_batch()
+        crops = [c.to(self.device, non_blocking=True) for c in batch["crops"]]
         if self.finish is not None and not self.finish_in_workers:
-            crops = self.finish(crops, sample_seed(self.seed, (self.rank << 40) + self.delivered))
+            crops = self.finish(crops, sample_seed(self.seed, batch["key"]))
         return [c.contiguous(memory_format=self.memory_format) for c in crops]
 
     def close(self) -> None:
@@ -226,8 +227,7 @@ def build_stream(cfg: DataConfig, *, seed: int, rank: int = 0, world_size: int =
         reader = IndexedReader(lambda start: IndexedBatches(source, transform, seed=seed, start=start, **common),
                                size=len(source), batch_size=cfg.batch_size, world_size=world_size)
     return DataStream(reader, num_workers=cfg.num_workers, prefetch_factor=cfg.prefetch_factor, device=device,
-                      memory_format=memory_format, finish=Finisher(cfg, list(transform.sizes)), seed=seed,
-                      rank=rank)
+                      memory_format=memory_format, finish=Finisher(cfg, list(transform.sizes)), seed=seed)
 
 
 class Finisher:

@@ -270,9 +270,11 @@ class ShardBatches(IterableDataset):
                 continue
             if len(views) == self.batch_size:
                 yield {"crops": collate_views(views), "ids": torch.tensor(ids, dtype=torch.int64),
-                       "skipped": dict(skipped), "progress": list(progress.values())}
+                       "skipped": dict(skipped), "progress": list(progress.values()),
+                       "key": derive_key("batch", p, ids[0]) >> 1}
                 views, ids, progress = [], [], {}
                 skipped.clear()  # in place: the shard readers count into this very object
         if views or skipped or progress:  # the end of a finite read
             yield {"crops": collate_views(views) if views else [], "ids": torch.tensor(ids, dtype=torch.int64),
-                   "skipped": dict(skipped), "progress": list(progress.values())}
+                   "skipped": dict(skipped), "progress": list(progress.values()),
+                   "key": derive_key("batch", self.plan.first_pass, *ids[:1]) >> 1}

@@ -178,9 +178,10 @@ def test_shards_added_to_a_watched_folder_join_at_the_next_pass(tmp_path: Path) 
 
 def test_colour_on_device_gives_normalised_views_from_uint8(folder: Path, tmp_path: Path) -> None:
     """data.colour_on=device: workers crop in uint8, the finish jitters, blurs and normalises (here on the
-    CPU, in the worker; on a GPU after the copy). Same seed, same views; the views are not the CPU path's."""
-    cfg = tiny_data(str(folder), num_workers=1, colour_on="device")
-    a, b = (streams(cfg, 1, tmp_path)[0] for _ in range(2))
+    CPU, in the worker; on a GPU after the copy). Same seed, same views, in a worker or not; the views are
+    not the CPU path's."""
+    a = streams(tiny_data(str(folder), num_workers=1, colour_on="device"), 1, tmp_path)[0]
+    b = streams(tiny_data(str(folder), num_workers=0, colour_on="device"), 1, tmp_path)[0]
     x, y = next(a), next(b)
     assert all(t.dtype == torch.float32 and torch.equal(t, u) for t, u in zip(x, y))
     cpu = next(streams(tiny_data(str(folder), num_workers=1), 1, tmp_path)[0])
