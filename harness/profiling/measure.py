@@ -73,9 +73,9 @@ class _Feed:
 
     def __call__(self) -> list[torch.Tensor]:
         start = time.perf_counter()
-        crops = next(self.stream)
+        batch = self.stream.next_batch()  # the wait for the loader; the device-side finish is the step's
         self.waits.append(time.perf_counter() - start)
-        return crops
+        return self.stream.to_device(batch)
 
     def loader_rate(self, batches: int, batch_size: int) -> float:
         """Images/s the loader alone delivers on this rank (its workers, no model), after taking what the
