@@ -232,11 +232,12 @@ class ShardBatches(IterableDataset):
         p = self.plan.first_pass
         idle = 0
         while self.passes is None or p < self.plan.first_pass + self.passes:
-            idle = idle + 1 if not self.plan.deal(p, reader, readers) else 0
+            dealt = self.plan.deal(p, reader, readers)
+            idle = idle + 1 if not dealt else 0
             if idle > 1:
                 raise RuntimeError(f"reader {reader} of {readers} was dealt no shard in two passes: there are "
                                    "fewer shards than readers (ranks x data.num_workers)")
-            for shard, already in self.plan.deal(p, reader, readers):
+            for shard, already in dealt:
                 items = shuffled(read_samples(shard, skipped), self.plan.shuffle_buffer,
                                  derive_key("shard", self.plan.seed, p, os.path.basename(shard)))
                 count = 0
