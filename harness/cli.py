@@ -1,4 +1,4 @@
-"""`harness` command line: pretrain, models, plan, profile, report, export, data, config.
+"""`harness` command line: pretrain, eval, models, plan, profile, report, export, data, config.
 
 Subcommands import their heavy dependencies lazily so that `harness config
 show` and `harness models` answer quickly.
@@ -466,6 +466,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_data_commands(sub)
 
+    from harness.eval.commands import add_eval_commands
+
+    add_eval_commands(sub)
+
     p = sub.add_parser("config", help="list presets or show a fully resolved config")
     csub = p.add_subparsers(dest="action", required=True)
     csub.add_parser("list", help="preset names")
@@ -477,7 +481,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # `key=value` words after an option (`harness eval knn RUN --data D eval.knn.k=5`): argparse ends a
+    # positional list at the first option, so the words after it come back here; they are overrides too
+    if extra and hasattr(args, "overrides") and all("=" in w and not w.startswith("-") for w in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what results record as their command
     try:
         return args.func(args)
     except ConfigError as err:

@@ -97,7 +97,11 @@ def describe_batch_and_lr(cfg: RunConfig, world_size: int, device: "torch.device
 
 def describe_steps(cfg: RunConfig) -> str:
     """A warmup that is a large share of a short try-out run is the usual surprise."""
-    return f"{cfg.schedule.name}, warmup {cfg.schedule.warmup_iters} of {cfg.train.iterations} steps"
+    from harness.optim.schedule import warmup_steps
+
+    s = cfg.schedule
+    share = "" if s.warmup_fraction is None else f" ({s.warmup_fraction:g} of the run)"
+    return f"{s.name}, warmup {warmup_steps(s, cfg.train.iterations)}{share} of {cfg.train.iterations} steps"
 
 
 def describe_data(cfg: RunConfig) -> str:

@@ -38,7 +38,15 @@ PROSE = ("harness reads what it asked for (`harness/parallel/launchers.py`) and 
          "torchrun names no backend: `parallel.backend` decides, and a config that")
 
 #: README commands not run here, with why (each asserted to be in a README).
-SKIPS: dict[str, str] = {}
+_EVAL_WHY = "needs a trained checkpoint and minutes of CPU: tests/eval/test_commands.py runs each kind end to end"
+SKIPS: dict[str, str] = {
+    "harness eval knn runs/my-run": _EVAL_WHY,
+    "harness eval linear runs/my-run 'eval.linear.taps=[res4,res5,pool]' 'eval.linear.weight_decays=[1e-4,5e-4]'":
+        _EVAL_WHY,
+    "harness eval finetune runs/my-run --subset 10%": _EVAL_WHY,
+    "harness eval knn runs/my-run --random-init": _EVAL_WHY,
+    "harness eval knn trunk.safetensors --data /data/imagenet eval.crop=224 eval.resize=256": _EVAL_WHY,
+}
 
 #: (README text, what runs here, why). {images}, {measured} and {port} are filled per run.
 ADAPTATIONS: tuple[tuple[str, str, str], ...] = (

@@ -210,13 +210,13 @@ def _summary(out: Path, arch: str, state: Mapping[str, torch.Tensor], meta: dict
 # ------------------------------------------------------------------ the two sources
 
 
-def export_checkpoint(checkpoint: str | Path, out: str | Path, *, with_head: bool = False,
-                      fmt: Optional[str] = None) -> Export:
-    """The trunk (and with ``with_head`` the head and prototypes) of a harness checkpoint, in one file.
+def read_checkpoint_trunk(checkpoint: str | Path) -> tuple[dict[str, torch.Tensor], ModelConfig,
+                                                           dict[str, torch.Tensor], dict[str, Any]]:
+    """(trunk state, its model config, the other tensors, manifest) of a harness checkpoint, checked by shape.
 
     ``checkpoint``: a ``checkpoints/step_*`` folder or a run folder (its newest
-    complete checkpoint); any world size and backend, read in this one process."""
-    fmt, out = output_format(out, fmt), Path(out)
+    complete checkpoint); any world size and backend, read in this one process
+    (DCP reassembles the shards: nothing is consolidated first)."""
     tensors, manifest = read_tensors(checkpoint)
     source = manifest["path"]
     model = (manifest.get("config") or {}).get("model")
@@ -228,20 +228,31 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, with_head: boo
     if not trunk:
         raise ConfigError(f"{source}: no trunk.* tensors in the checkpoint: not an SSL method with a trunk")
     try:
-        layout = _layout_of(cfg)
         expected = _expected(cfg.arch, cfg.regnet, None)
     except ValueError as err:
         raise ConfigError(f"{source}: model {cfg.arch!r}: {err}") from err
     check_state(trunk, expected, f"{source}: trunk does not match model.arch {cfg.arch}")
     state = {k: _exportable(trunk[k]) for k in expected}  # the trunk's own order
+    return state, cfg, {k: v for k, v in tensors.items() if not k.startswith(TRUNK)}, manifest
+
+
+def export_checkpoint(checkpoint: str | Path, out: str | Path, *, with_head: bool = False,
+                      fmt: Optional[str] = None) -> Export:
+    """The trunk (and with ``with_head`` the head and prototypes) of a harness checkpoint, in one file.
+
+    ``checkpoint``: a ``checkpoints/step_*`` folder or a run folder (its newest
+    complete checkpoint); any world size and backend, read in this one process."""
+    fmt, out = output_format(out, fmt), Path(out)
+    state, cfg, tensors, manifest = read_checkpoint_trunk(checkpoint)
+    source = manifest["path"]
     if with_head:
         heads = sorted(k for k in tensors if k.startswith(HEADS))
         if not heads:
             raise ConfigError(f"{source}: --with-head, but the checkpoint has no head.* or prototypes.* tensors")
         state.update({k: _exportable(tensors[k]) for k in heads})
-    meta = _meta(cfg.arch, layout, "trunk,head,prototypes" if with_head else "trunk", source,
+    meta = _meta(cfg.arch, _layout_of(cfg), "trunk,head,prototypes" if with_head else "trunk", source,
                  manifest.get("format", "harness"), step=str(manifest.get("step")),
-                 regnet=dataclasses.asdict(regnet) if regnet else None, config=manifest.get("config"))
+                 regnet=dataclasses.asdict(cfg.regnet) if cfg.regnet else None, config=manifest.get("config"))
     _write(state, meta, out, fmt)
     return _summary(out, cfg.arch, state, meta)
 
@@ -276,15 +287,16 @@ def _preset_of(layout: StageLayout) -> Optional[str]:
     return None
 
 
-def convert_vissl(source: str | Path, out: str | Path, *, arch: Optional[str] = None, fmt: Optional[str] = None,
-                  trust_pickle: bool = False) -> Export:
-    """A VISSL SEER RegNet trunk (vissl.py names) as a `harness export` file, checked by shape.
+def read_vissl(source: str | Path, *, arch: Optional[str] = None, trust_pickle: bool = False,
+               what: Optional[str] = None) -> tuple[dict[str, torch.Tensor], str, StageLayout, Optional[str]]:
+    """(trunk state in torchvision names, arch, layout, note) of a VISSL SEER RegNet trunk, checked by shape.
 
     With ``arch`` every key and shape must match that preset's trunk; without,
     the widths are read off the tensors and named by the preset that has them
-    (``regnet`` with the layout in the metadata when none does)."""
-    fmt, out, source = output_format(out, fmt), Path(out), Path(source)
-    what = f"--from-vissl {source}"
+    (``regnet`` with the layout when none does). Shared by `convert_vissl`
+    and by evaluation, which reads a VISSL file without writing an export."""
+    source = Path(source)
+    what = what or f"--from-vissl {source}"
     state, origin = to_torchvision(trunk_state(_load_source(source, trust_pickle), what), what)
     note = None
     if arch is not None:
@@ -305,14 +317,21 @@ def convert_vissl(source: str | Path, out: str | Path, *, arch: Optional[str] = 
         arch = _preset_of(layout) or CUSTOM_REGNET
         if arch == CUSTOM_REGNET:
             note = (f"no preset has widths {list(layout.widths)}, depths {list(layout.depths)}, group widths "
-                    f"{list(layout.group_widths)}: exported as a custom RegNet (layout in the metadata); "
+                    f"{list(layout.group_widths)}: read as a custom RegNet (layout in the metadata); "
                     "give --arch to insist on a preset")
     expected = _expected(arch, None, layout)
     for key in expected:  # BN buffers that older BatchNorms did not save: torch's own default
         if key.endswith("num_batches_tracked") and key not in state:
             state[key] = torch.tensor(0, dtype=torch.long)
     check_state(state, expected, f"{what} does not match {arch} (widths {list(layout.widths)})", origin)
-    state = {k: _exportable(state[k]) for k in expected}
+    return {k: _exportable(state[k]) for k in expected}, arch, layout, note
+
+
+def convert_vissl(source: str | Path, out: str | Path, *, arch: Optional[str] = None, fmt: Optional[str] = None,
+                  trust_pickle: bool = False) -> Export:
+    """A VISSL SEER RegNet trunk (vissl.py names) as a `harness export` file, checked by shape (`read_vissl`)."""
+    fmt, out, source = output_format(out, fmt), Path(out), Path(source)
+    state, arch, layout, note = read_vissl(source, arch=arch, trust_pickle=trust_pickle)
     meta = _meta(arch, layout, "trunk", str(source), "vissl")
     _write(state, meta, out, fmt)
     return _summary(out, arch, state, meta, note)

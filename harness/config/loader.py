@@ -22,6 +22,8 @@ from harness.config.schema import RunConfig
 
 PRESET_DIR = Path(__file__).parent / "presets"
 INHERIT_KEY = "inherit"
+# Keys that were removed, with what replaces them (the unknown-key error says so).
+RENAMED_KEYS = {"train.tensorboard": "train.log_with=[tensorboard] (or train.log_with=[] for no tracker)"}
 
 
 class ConfigError(ValueError):
@@ -187,6 +189,8 @@ def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     for key in data:
         if key not in names:
             full = f"{prefix}.{key}" if prefix else key
+            if full in RENAMED_KEYS:
+                raise ConfigError(f"config key '{full}' was replaced: use {RENAMED_KEYS[full]}")
             close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
             hint = f"; did you mean '{(prefix + '.') if prefix else ''}{close[0]}'?" if close else ""
             raise ConfigError(f"unknown config key '{full}'{hint} Valid keys here: {', '.join(names)}")

@@ -110,6 +110,9 @@ class SwAVConfig:
     freeze_prototypes_iters: int = 313
     queue_length: int = 0  # per rank; 0 disables the queue
     queue_start_iter: int = 0
+    # One trunk pass for all crops: the small ones zero-padded to the largest size, the padding cut
+    # before pooling (VISSL's create_multidimensional_tensor, SEER-10B). SyncBN then sees the padding.
+    single_pass_pad: bool = False
 
 
 @dataclass
@@ -141,6 +144,10 @@ class ScheduleConfig:
     `plateau`: fixed peak LR, halved when the loss stops decreasing (SEER 3.3).
     `constant`: peak LR throughout.
     The peak is base_lr x global_batch / base_batch when scale_with_batch.
+    The warmup lasts warmup_iters steps, or warmup_fraction of train.iterations when that is set
+    (VISSL's composite `lengths`; then warmup_iters must be 0). interval_scaling (cosine only, VISSL's
+    term): `rescaled` runs the cosine over the steps after the warmup, from the peak; `fixed` evaluates
+    it at the fraction of the WHOLE run, as VISSL's SwAV configs do, so it starts just below the peak.
     """
 
     name: str = "cosine"
@@ -149,6 +156,8 @@ class ScheduleConfig:
     scale_with_batch: bool = True
     start_lr: float = 0.3
     warmup_iters: int = 0
+    warmup_fraction: Optional[float] = None  # of train.iterations, in [0, 1); null: warmup_iters counts
+    interval_scaling: str = "rescaled"  # rescaled | fixed: the cosine's clock (see above)
     final_lr_ratio: float = 0.001
     plateau_factor: float = 0.5
     plateau_patience: int = 1000  # optimizer steps without improvement
@@ -173,6 +182,12 @@ class ParallelConfig:
     activation_checkpointing: bool = False
     stage_checkpoints: Optional[list[list[int]]] = None  # VISSL-style split points per stage; None: per block
     wrap_min_params: int = 100_000_000  # fairscale auto-wrap threshold (SEER-10B)
+    # fairscale only (VISSL's FSDP_CONFIG keys): reduce-scatter gradients in fp32 under fp16/bf16
+    # (False: in the compute dtype, as SEER-10B did), reduce-scatter bucket size (0: no bucketing),
+    # and drop autocast's cast cache after each unit's forward (frees the fp16 weight copies)
+    fp32_reduce_scatter: bool = True
+    bucket_cap_mb: int = 25
+    clear_autocast_cache: bool = False
     reshard_after_forward: bool = True  # fsdp2: True = ZeRO-3-like, False = ZeRO-2-like
     shard_group_size: int = 0  # fsdp2 hybrid: shard within groups of N ranks (a node), replicate across; 0: all ranks
     cpu_offload: bool = False  # fsdp2 CPUOffloadPolicy; deepspeed offload of optimizer state (and params at ZeRO-3)
@@ -206,7 +221,70 @@ class TrainConfig:
     # steps pay for the compilation, later ones run fused kernels with less host work per step
     output_dir: str = "runs"
     run_name: Optional[str] = None
-    tensorboard: bool = True
+    # experiment trackers beside metrics.jsonl (always written): any of tensorboard, wandb, mlflow; [] for none.
+    # Each works offline (harness/train/trackers.py)
+    log_with: list[str] = field(default_factory=lambda: ["tensorboard"])
+    eval_every: int = 0  # steps between k-NN evaluations of the live trunk on eval.data (and after the last); 0: none
+
+
+@dataclass
+class KnnEvalConfig:
+    """Weighted k-NN on L2-normalised pooled features (Wu et al. 2018, as DINO's eval_knn.py)."""
+
+    k: int = 20
+    temperature: float = 0.07
+
+
+@dataclass
+class LinearEvalConfig:
+    """BatchNorm + linear head on frozen, cached features (VISSL's linear benchmark), SGD with
+    momentum; epochs and LR milestones as VISSL's 28-epoch ImageNet schedule (decays at 8/16/24),
+    so a small set gets the same schedule shape."""
+
+    taps: list[str] = field(default_factory=lambda: ["pool"])  # any of res4, res5, pool
+    epochs: int = 28
+    milestones: list[float] = field(default_factory=lambda: [8 / 28, 16 / 28, 24 / 28])  # fractions of training
+    batch_size: int = 256
+    base_lr: float = 0.01  # per 256 images
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decays: list[float] = field(default_factory=lambda: [5e-4])  # one head per value, best reported
+    batchnorm: bool = True
+
+
+@dataclass
+class FinetuneEvalConfig:
+    """Full fine-tuning as the paper (4.1): SGD momentum 0.9, batch 256, LR 0.0125 (per 256 images),
+    x0.1 after 30 of 35 epochs, weight decay 1e-4, SwAV's augmentation; top-1 on centre crops."""
+
+    epochs: int = 35
+    decay_at: list[float] = field(default_factory=lambda: [30 / 35])  # fractions of training
+    batch_size: int = 256  # global
+    base_lr: float = 0.0125
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # RandomResizedCrop, as SwAV's eval_semisup
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation of a trunk on a labelled set (`harness eval`, and `train.eval_every`).
+
+    `data: null` uses the built-in labelled scenes (generated once into the
+    output folder); otherwise a folder with `train/` and `val/` in
+    ImageFolder layout (one sub-folder per class). Images are resized to
+    `resize` (shorter side) and centre-cropped to `crop`, VISSL's 256/224."""
+
+    data: Optional[str] = None
+    crop: int = 224
+    resize: int = 256
+    batch_size: int = 64  # per rank, feature extraction
+    num_workers: int = 2
+    subset: Optional[str] = None  # low-shot training subset: 1%, 10%, 0.05, 5/class; null: all
+    seed: int = 0
+    knn: KnnEvalConfig = field(default_factory=KnnEvalConfig)
+    linear: LinearEvalConfig = field(default_factory=LinearEvalConfig)
+    finetune: FinetuneEvalConfig = field(default_factory=FinetuneEvalConfig)
 
 
 @dataclass
@@ -225,3 +303,4 @@ class RunConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)

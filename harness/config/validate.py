@@ -133,6 +133,13 @@ def _check_optim(cfg: RunConfig) -> None:
     _require(sch.start_lr >= 0, "schedule.start_lr must be >= 0")
     _require(sch.warmup_iters >= 0, "schedule.warmup_iters must be >= 0")
     _check_warmup(sch.warmup_iters, cfg.train.iterations)
+    if sch.warmup_fraction is not None:
+        _require(0 <= sch.warmup_fraction < 1, f"schedule.warmup_fraction={sch.warmup_fraction} must be in [0, 1) "
+                 "(a fraction of train.iterations; null counts the warmup in steps, schedule.warmup_iters)")
+        _require(sch.warmup_iters == 0,
+                 f"schedule.warmup_iters={sch.warmup_iters} and schedule.warmup_fraction={sch.warmup_fraction} "
+                 "both set the warmup: keep one (schedule.warmup_fraction=null, or schedule.warmup_iters=0)")
+    _one_of(sch.interval_scaling, ("rescaled", "fixed"), "schedule.interval_scaling")
     _require(0 <= sch.final_lr_ratio <= 1, "schedule.final_lr_ratio must be in [0, 1]")
     _require(0 < sch.plateau_factor < 1, "schedule.plateau_factor must be in (0, 1)")
 
@@ -175,12 +182,25 @@ def _check_train(cfg: RunConfig) -> None:
              "train.init_from and train.resume=PATH both name a checkpoint: keep one (init_from starts a new run "
              "from weights, resume continues a run)")
     _one_of(t.device, DEVICES, "train.device")
+    from harness.train.trackers import check_log_with
+
+    check_log_with(t.log_with)
+    _require(t.eval_every >= 0, f"train.eval_every={t.eval_every} must be >= 0 (steps between k-NN evaluations; "
+             "0: none)")
+    from harness.eval.commands import check_eval_config
+
+    check_eval_config(cfg.eval)
+    if t.eval_every and cfg.eval.data:  # a wrong labelled folder fails now, not after the first eval_every steps
+        from harness.eval.data import resolve_labelled
+
+        resolve_labelled(cfg.eval.data, Path(t.output_dir) / "eval-data")
     _one_of(p.backend, BACKENDS, "parallel.backend")
     _require(not (t.compile and p.backend == "fairscale"),
              "train.compile=true is not supported with parallel.backend=fairscale (its FSDP swaps flattened "
              "parameters under the blocks at every step): use parallel.backend=fsdp2, or train.compile=false")
     _one_of(p.precision, PRECISIONS, "parallel.precision")
     _require(p.syncbn_group_size >= -1, "parallel.syncbn_group_size must be 0 (global), -1 (one node) or a group size")
+    _require(p.bucket_cap_mb >= 0, f"parallel.bucket_cap_mb={p.bucket_cap_mb} must be >= 0 (0: no bucketing)")
     _require(cfg.world_size >= 1, "world_size must be >= 1")
     if p.stage_checkpoints is not None:
         _require(len(p.stage_checkpoints) == 4, "parallel.stage_checkpoints needs one list per stage (4)")
@@ -194,7 +214,7 @@ def _check_train(cfg: RunConfig) -> None:
 CPU_TRYOUT_OVERRIDES: tuple[str, ...] = (
     "parallel.precision=fp32", "parallel.backend=none", "parallel.stage_checkpoints=null",
     "model.arch=regnety_200mf", "swav.head_dims=[368,512,128]", "data.batch_size=8", "data.num_workers=1",
-    "train.iterations=20", "schedule.warmup_iters=2",
+    "train.iterations=20", "schedule.warmup_iters=2", "schedule.warmup_fraction=null",
 )
 
 
@@ -224,6 +244,9 @@ def validate_launch(cfg: RunConfig, world_size: int, device_type: str, local_wor
     `check_data=False` for commands that feed synthetic crops (profile).
     """
     _check_gpu_preset(cfg, device_type)
+    from harness.train.trackers import check_tracker_packages
+
+    check_tracker_packages(cfg.train.log_with)  # here, not in validate: `harness plan` on a laptop needs no wandb
     _check_syncbn_groups(cfg.parallel.syncbn_group_size, world_size, local_world_size)
     if check_data:
         check_data_path(cfg.data)

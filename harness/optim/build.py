@@ -42,7 +42,9 @@ def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict[str, Any]]:
 def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float,
                     norm_process_group: Any = None, groups: Optional[list[dict[str, Any]]] = None,
                     ) -> torch.optim.Optimizer:
-    """LARS (cfg.lars.enabled) or torch.optim.SGD over `model`'s trainable parameters.
+    """LARS over `model`'s trainable parameters; with LARS disabled, every group without the trust ratio:
+    torch.optim.SGD's update, gated on the device like every other step (`TorchEngine` skips a bad step
+    through the optimizer's `skip`, which torch's SGD does not have).
 
     `lr` is the starting rate; the schedule overwrites it every step.
     `norm_process_group` is only for sharded parameters (FSDP): the group
@@ -54,8 +56,8 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float,
     if not cfg.lars.enabled:
         if norm_process_group is not None:
             raise ValueError("norm_process_group needs optim.lars.enabled")
-        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum,
-                               weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
+        for group in groups:  # SGD's maths, with LARS's device-side skip of a bad step (torch's SGD has none)
+            group["lars_adapt"] = False
     for group in groups:
         group["norm_process_group"] = norm_process_group
     return LARS(groups, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,

@@ -10,19 +10,33 @@ SEER (paper 3.3): 0.3 per 256 images, i.e. 9.6 at 8192 images, reached by a
 linear warmup from 0.15 over 8K updates, then a cosine to 0.0096 at 122K. The
 paper's alternative is a fixed rate halved whenever the loss stops falling,
 which needs the loss, hence `HalveOnPlateau.observe`.
+
+VISSL states its schedules on the fraction of training done, ``where =
+step / total`` (ClassyVision's ``ClassificationTask.where``, read at every
+optimizer step), and SEER-10B's warmup as a fraction too
+(configs/config/pretrain/seer/models/regnet10B.yaml: ``lengths:
+[0.043648, 0.956352]``), composed by fvcore's ``CompositeParamScheduler``
+with ``interval_scaling: [rescaled, fixed]``
+(configs/config/pretrain/swav/swav_8node_resnet.yaml): the warmup runs on
+its own rescaled clock, ``where / 0.043648``, the cosine on the global one,
+``where``. `warmup_span` and ``interval_scaling="fixed"`` reproduce that
+exactly: the ramp's length may be a fraction of a step (0.043648 x 126,008 =
+5,500.003) and the cosine starts where the global clock already is.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 import torch
 
 from harness.config.schema import ScheduleConfig
 
 SCHEDULES = ("cosine", "plateau", "constant")
+INTERVAL_SCALINGS = ("rescaled", "fixed")
+WHERE_EPSILON = 1e-6  # fvcore ParamScheduler.WHERE_EPSILON: which composite segment a `where` falls in
 
 
 def peak_lr(cfg: ScheduleConfig, global_batch: int) -> float:
@@ -34,9 +48,25 @@ def peak_lr(cfg: ScheduleConfig, global_batch: int) -> float:
     return cfg.base_lr * global_batch / cfg.base_batch
 
 
-def _warmup(step: int, start_lr: float, peak_lr: float, warmup_iters: int) -> float:
-    """Linear ramp: start_lr at step 0, peak_lr at step warmup_iters."""
-    return start_lr + (peak_lr - start_lr) * step / warmup_iters
+def warmup_steps(cfg: ScheduleConfig, total_iters: int) -> int:
+    """Optimizer steps that run the warmup ramp: `warmup_iters`, or with `warmup_fraction` the steps
+    whose fraction of the run falls in VISSL's first composite segment (fvcore's test,
+    ``step / total + WHERE_EPSILON <= fraction``)."""
+    if cfg.warmup_fraction is None:
+        return int(cfg.warmup_iters)
+    fraction = float(cfg.warmup_fraction)
+    k = max(0, math.floor((fraction - WHERE_EPSILON) * total_iters) + 1)
+    while k > 0 and (k - 1) / total_iters + WHERE_EPSILON > fraction:  # float rounding either way
+        k -= 1
+    while k < total_iters and k / total_iters + WHERE_EPSILON <= fraction:
+        k += 1
+    return k
+
+
+def _warmup(step: int, start_lr: float, peak_lr: float, span: float) -> float:
+    """Linear ramp: start_lr at step 0, peak_lr at step `span` (a whole number of steps, or VISSL's
+    fraction x total, which need not be)."""
+    return start_lr + (peak_lr - start_lr) * step / span
 
 
 def _check_step(step: int) -> None:
@@ -71,45 +101,62 @@ class Constant(_Schedule):
 
     name = "constant"
 
-    def __init__(self, lr: float, start_lr: float = 0.0, warmup_iters: int = 0) -> None:
+    def __init__(self, lr: float, start_lr: float = 0.0, warmup_iters: int = 0,
+                 warmup_span: Optional[float] = None) -> None:
         self.lr, self.start_lr, self.warmup_iters = float(lr), float(start_lr), int(warmup_iters)
+        self.warmup_span = float(warmup_iters if warmup_span is None else warmup_span)
 
     def __call__(self, step: int) -> float:
         _check_step(step)
         if step < self.warmup_iters:
-            return _warmup(step, self.start_lr, self.lr, self.warmup_iters)
+            return _warmup(step, self.start_lr, self.lr, self.warmup_span)
         return self.lr
 
     def _record(self) -> dict[str, Any]:
-        return {"lr": self.lr, "start_lr": self.start_lr, "warmup_iters": self.warmup_iters}
+        return {"lr": self.lr, "start_lr": self.start_lr, "warmup_iters": self.warmup_iters,
+                "warmup_span": self.warmup_span}
 
 
 class WarmupCosine(_Schedule):
-    """Linear warmup start_lr -> peak_lr over warmup_iters, then a half cosine
-    from peak_lr down to final_lr at total_iters; final_lr afterwards."""
+    """Linear warmup start_lr -> peak_lr for the first warmup_iters steps, then a
+    half cosine down to final_lr at total_iters; final_lr afterwards.
+
+    The ramp reaches the peak at step `warmup_span` (default warmup_iters).
+    `interval_scaling`, VISSL's term: "rescaled" runs the cosine from the peak
+    over the steps after the warmup, ``(step - span) / (total - span)``;
+    "fixed" evaluates it at the fraction of the whole run, ``step / total``,
+    so it starts below the peak (cos(pi x 0.0436) = 0.9906 of it for SEER-10B).
+    """
 
     name = "cosine"
 
-    def __init__(self, start_lr: float, peak_lr: float, final_lr: float,
-                 warmup_iters: int, total_iters: int) -> None:
+    def __init__(self, start_lr: float, peak_lr: float, final_lr: float, warmup_iters: int, total_iters: int,
+                 *, warmup_span: Optional[float] = None, interval_scaling: str = "rescaled") -> None:
         if not 0 <= warmup_iters <= total_iters:
             raise ValueError(f"need 0 <= warmup_iters <= total_iters, got {warmup_iters}, {total_iters}")
+        if interval_scaling not in INTERVAL_SCALINGS:
+            raise ValueError(f"interval_scaling {interval_scaling!r} is unknown; valid: {', '.join(INTERVAL_SCALINGS)}")
         self.start_lr, self.peak_lr, self.final_lr = float(start_lr), float(peak_lr), float(final_lr)
         self.warmup_iters, self.total_iters = int(warmup_iters), int(total_iters)
+        self.warmup_span = float(warmup_iters if warmup_span is None else warmup_span)
+        self.interval_scaling = interval_scaling
 
     def __call__(self, step: int) -> float:
         _check_step(step)
         if step < self.warmup_iters:
-            return _warmup(step, self.start_lr, self.peak_lr, self.warmup_iters)
-        span = self.total_iters - self.warmup_iters
-        if step >= self.total_iters:  # also covers span == 0: no room for a cosine
+            return _warmup(step, self.start_lr, self.peak_lr, self.warmup_span)
+        if step >= self.total_iters:  # also covers warmup_iters == total_iters: no room for a cosine
             return self.final_lr
-        progress = (step - self.warmup_iters) / span
+        if self.interval_scaling == "fixed":
+            progress = step / self.total_iters
+        else:
+            progress = (step - self.warmup_span) / (self.total_iters - self.warmup_span)
         return self.final_lr + 0.5 * (self.peak_lr - self.final_lr) * (1.0 + math.cos(math.pi * progress))
 
     def _record(self) -> dict[str, Any]:
         return {"start_lr": self.start_lr, "peak_lr": self.peak_lr, "final_lr": self.final_lr,
-                "warmup_iters": self.warmup_iters, "total_iters": self.total_iters}
+                "warmup_iters": self.warmup_iters, "total_iters": self.total_iters,
+                "warmup_span": self.warmup_span, "interval_scaling": self.interval_scaling}
 
 
 class HalveOnPlateau(_Schedule):
@@ -129,7 +176,8 @@ class HalveOnPlateau(_Schedule):
     name = "plateau"
 
     def __init__(self, lr: float, factor: float = 0.5, patience: int = 1000, threshold: float = 1e-3,
-                 window: int = 1, start_lr: float = 0.0, warmup_iters: int = 0) -> None:
+                 window: int = 1, start_lr: float = 0.0, warmup_iters: int = 0,
+                 warmup_span: Optional[float] = None) -> None:
         if not 0 < factor <= 1:
             raise ValueError(f"factor must be in (0, 1], got {factor}")
         if patience < 0 or threshold < 0 or window < 1 or warmup_iters < 0:
@@ -137,6 +185,7 @@ class HalveOnPlateau(_Schedule):
         self.lr, self.factor, self.patience = float(lr), float(factor), int(patience)
         self.threshold, self.window = float(threshold), int(window)
         self.start_lr, self.warmup_iters = float(start_lr), int(warmup_iters)
+        self.warmup_span = float(warmup_iters if warmup_span is None else warmup_span)
         self.scale = 1.0
         self.halvings = 0
         self.best = math.inf
@@ -169,7 +218,7 @@ class HalveOnPlateau(_Schedule):
     def __call__(self, step: int) -> float:
         _check_step(step)
         if step < self.warmup_iters:
-            return _warmup(step, self.start_lr, self.lr, self.warmup_iters)
+            return _warmup(step, self.start_lr, self.lr, self.warmup_span)
         return self.lr * self.scale
 
     def state_dict(self) -> dict[str, Any]:
@@ -206,17 +255,26 @@ def build_schedule(cfg: ScheduleConfig, global_batch: int, total_iters: int) -> 
     _require(cfg.plateau_patience >= 0, "plateau_patience", "must be >= 0", cfg.plateau_patience)
     _require(cfg.plateau_threshold >= 0, "plateau_threshold", "must be >= 0", cfg.plateau_threshold)
     _require(cfg.plateau_window >= 1, "plateau_window", "must be >= 1", cfg.plateau_window)
+    _require(cfg.interval_scaling in INTERVAL_SCALINGS, "interval_scaling",
+             f"must be one of {', '.join(INTERVAL_SCALINGS)}", cfg.interval_scaling)
     if total_iters < 0:
         raise ValueError(f"total_iters must be >= 0, got {total_iters}")
     _require(cfg.warmup_iters <= total_iters, "warmup_iters",
              f"must not exceed the run's {total_iters} iterations", cfg.warmup_iters)
+    if cfg.warmup_fraction is not None:
+        _require(0 <= cfg.warmup_fraction < 1, "warmup_fraction", "must be in [0, 1)", cfg.warmup_fraction)
+        _require(cfg.warmup_iters == 0, "warmup_iters", "must be 0 when warmup_fraction sets the warmup",
+                 cfg.warmup_iters)
     peak = peak_lr(cfg, global_batch)
+    warmup = warmup_steps(cfg, total_iters)
+    span = warmup if cfg.warmup_fraction is None else cfg.warmup_fraction * total_iters
     if cfg.name == "cosine":
-        return WarmupCosine(cfg.start_lr, peak, cfg.final_lr_ratio * peak, cfg.warmup_iters, total_iters)
+        return WarmupCosine(cfg.start_lr, peak, cfg.final_lr_ratio * peak, warmup, total_iters,
+                            warmup_span=span, interval_scaling=cfg.interval_scaling)
     if cfg.name == "plateau":
         return HalveOnPlateau(peak, cfg.plateau_factor, cfg.plateau_patience, cfg.plateau_threshold,
-                              cfg.plateau_window, cfg.start_lr, cfg.warmup_iters)
-    return Constant(peak, cfg.start_lr, cfg.warmup_iters)
+                              cfg.plateau_window, cfg.start_lr, warmup, warmup_span=span)
+    return Constant(peak, cfg.start_lr, warmup, warmup_span=span)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

@@ -5,17 +5,23 @@ Wrapped AS IT IS BUILT, like VISSL's `RegnetFSDPBlocksFactory`: the method
 arrives on the meta device and each unit is materialised (its initial values
 from `harness.models.init`), then sharded at once, inner units first, so a
 rank never holds more than its shards plus the unit being wrapped. Units
-(`unit_plan`): every BatchNorm alone in fp32 (VISSL's fsdp_auto_wrap_bn),
-every Conv2d of ``parallel.wrap_min_params`` (1e8 in SEER) parameters or more
-inside a block (VISSL's auto_wrap_big_layers), every block, every checkpoint
-group that is a whole stage, the spec's other units (stem, head), the fp32
-modules (prototypes) in fp32, and the root.
+(`unit_plan`): every BatchNorm alone in fp32 with fairscale's auto_wrap_bn
+settings (VISSL's fsdp_auto_wrap_bn: `bn_kwargs`), every Conv2d of
+``parallel.wrap_min_params`` (1e8 in SEER) parameters or more inside a block
+(VISSL's auto_wrap_big_layers), every block, every checkpoint group that is a
+whole stage, the spec's other units (stem, head), the fp32 modules
+(prototypes) in fp32, and the root.
 
 VISSL also made each checkpoint group of blocks (``block{i}-part{j}``) a unit,
 by building the blocks inside an extra nn.Sequential; that renames every
 parameter (and so every checkpoint key), so here a group is its own unit
 only when it is a whole stage; a recompute of any other group gathers its
 blocks one by one.
+
+The other units take VISSL's FSDP_CONFIG (`fsdp_kwargs`): SEER-10B reduce-scattered
+gradients in fp16 (``parallel.fp32_reduce_scatter=false``), without buckets, and
+cleared autocast's cache after each unit's forward; the schema's defaults keep
+fp32 reduce-scatter for other configs.
 
 ``flatten_parameters=False`` so that LARS sees one tensor per parameter (its
 norms come from ONE all-reduce of per-shard sums of squares over
@@ -108,26 +114,51 @@ def clean_name(name: str) -> str:
     return _WRAPPER_NAMES.sub("", name).lstrip(".")
 
 
-def _fsdp_kwargs(cfg: RunConfig) -> dict[str, Any]:
-    low = cfg.parallel.precision in ("fp16", "bf16")
+def fsdp_kwargs(cfg: RunConfig) -> dict[str, Any]:
+    """FSDP arguments of the mixed-precision units: VISSL's FSDP_CONFIG (regnet10B.yaml over
+    vissl/config/defaults.yaml). ``fp32_reduce_scatter``, ``bucket_cap_mb`` and
+    ``clear_autocast_cache`` come from ``parallel``; SEER-10B reduce-scattered in fp16, without
+    buckets, clearing the cache. fp32_reduce_scatter only exists with mixed precision (fairscale
+    refuses it otherwise), so an fp32 run drops it: its gradients are fp32 anyway."""
+    par = cfg.parallel
+    low = par.precision in ("fp16", "bf16")
     return dict(
         mixed_precision=low,
-        compute_dtype={"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.parallel.precision, torch.float32),
-        fp32_reduce_scatter=low,
+        compute_dtype={"fp16": torch.float16, "bf16": torch.bfloat16}.get(par.precision, torch.float32),
+        fp32_reduce_scatter=low and par.fp32_reduce_scatter,
         flatten_parameters=False,  # LARS needs per-parameter tensors
-        reshard_after_forward=cfg.parallel.reshard_after_forward,
+        reshard_after_forward=par.reshard_after_forward,
         move_grads_to_cpu=False,
+        bucket_cap_mb=par.bucket_cap_mb,
+        clear_autocast_cache=par.clear_autocast_cache,
     )
 
 
+def fp32_kwargs(cfg: RunConfig) -> dict[str, Any]:
+    """The fp32 units of the spec (prototypes): the same arguments in full precision, as VISSL's
+    swav_head_fsdp builds ``prototypes_fp32_fsdp_config`` from FSDP_CONFIG."""
+    return {**fsdp_kwargs(cfg), "mixed_precision": False, "compute_dtype": torch.float32,
+            "fp32_reduce_scatter": False}
+
+
+def bn_kwargs(cfg: RunConfig) -> dict[str, Any]:
+    """Every BatchNorm's own unit: fairscale's ``auto_wrap_bn`` config, which VISSL's
+    fsdp_auto_wrap_bn uses: fp32, no bucketing and NOT resharded after forward, which fairscale
+    requires when a checkpointed block holding the BN runs several forwards per step (a BN
+    unit's pre-backward hook does not fire inside the recompute)."""
+    return {**fp32_kwargs(cfg), "reshard_after_forward": False, "bucket_cap_mb": 0,
+            "clear_autocast_cache": False, "force_input_to_fp32": False}
+
+
 def wrap_as_built(method: nn.Module, spec: ParallelSpec, cfg: RunConfig, device: torch.device,
-                  wrap: Callable[[nn.Module], nn.Module], wrap_fp32: Callable[[nn.Module], nn.Module]) -> nn.Module:
+                  wrap: Callable[[nn.Module], nn.Module], wrap_fp32: Callable[[nn.Module], nn.Module],
+                  wrap_bn: Optional[Callable[[nn.Module], nn.Module]] = None) -> nn.Module:
     """Materialise and wrap `method` (on meta) unit by unit, inner units first; returns the wrapped root.
 
     Each unit's still-meta tensors get their initial values (by their names in
     `method`) right before `wrap` shards them, so what a rank holds at any
     time is the units already sharded plus the one being wrapped. BatchNorms
-    and the spec's fp32 modules go to `wrap_fp32`."""
+    go to `wrap_bn` (default `wrap_fp32`), the spec's fp32 modules to `wrap_fp32`."""
     names = {id(m): n for n, m in method.named_modules()}  # the rules' names, before any wrapper exists
 
     def built(wrapper: Callable[[nn.Module], nn.Module]) -> Callable[[nn.Module], nn.Module]:
@@ -137,7 +168,8 @@ def wrap_as_built(method: nn.Module, spec: ParallelSpec, cfg: RunConfig, device:
         return unit
 
     plan = unit_plan(method, spec, cfg)
-    wrap_by_plan(method, [n for n, m in method.named_modules() if isinstance(m, _BatchNorm)], built(wrap_fp32))
+    wrap_by_plan(method, [n for n, m in method.named_modules() if isinstance(m, _BatchNorm)],
+                 built(wrap_bn or wrap_fp32))
     wrap_by_plan(method, plan, built(wrap))
     wrap_by_plan(method, list(spec.fp32), built(wrap_fp32))
     return built(wrap)(method)
@@ -150,9 +182,9 @@ def apply_fairscale(method: nn.Module, spec: ParallelSpec, cfg: RunConfig, rt: R
     check_precision_supported(cfg.parallel.precision, rt.device)
     from fairscale.nn.data_parallel import FullyShardedDataParallel as FSDP
 
-    kwargs = _fsdp_kwargs(cfg)
-    fp32_unit = {**kwargs, "mixed_precision": False, "compute_dtype": torch.float32, "fp32_reduce_scatter": False}
-    return wrap_as_built(method, spec, cfg, rt.device, lambda m: FSDP(m, **kwargs), lambda m: FSDP(m, **fp32_unit))
+    kwargs, fp32, bn = fsdp_kwargs(cfg), fp32_kwargs(cfg), bn_kwargs(cfg)
+    return wrap_as_built(method, spec, cfg, rt.device, lambda m: FSDP(m, **kwargs), lambda m: FSDP(m, **fp32),
+                         lambda m: FSDP(m, **bn))
 
 
 class FairscaleEngine(TorchEngine):

@@ -237,7 +237,10 @@ def _work_per_image(arch: str, spec: Optional[tuple], groups: tuple[tuple[int, i
 
 
 def _resolution_groups(cfg: Any) -> tuple[tuple[int, int], ...]:
-    """(size, crops) runs of consecutive equal sizes, as SwAV.forward batches them."""
+    """(size, crops) runs of consecutive equal sizes, as SwAV.forward batches them (one run of
+    the largest size for all crops with swav.single_pass_pad: the padded pixels cost full work)."""
+    if getattr(cfg.swav, "single_pass_pad", False) and len({c.size for c in cfg.data.crops if c.count > 0}) > 1:
+        return ((max(c.size for c in cfg.data.crops if c.count > 0), sum(c.count for c in cfg.data.crops)),)
     groups: list[list[int]] = []
     for crop in cfg.data.crops:
         if groups and groups[-1][0] == crop.size:

@@ -25,6 +25,7 @@ from harness.checkpoint.resume import Start, resolve_start
 from harness.config.loader import to_dict
 from harness.config.schema import RunConfig
 from harness.data import DataStream, build_stream
+from harness.eval.monitor import KnnMonitor
 from harness.optim import build_schedule
 from harness.parallel.build import build_engine, uses_channels_last
 from harness.parallel.support import check_supported
@@ -127,10 +128,11 @@ def pretrain(cfg: RunConfig) -> RunResult:
         return RunResult(rt.is_main, cfg.parallel.backend, run_dir, [], 0.0, 0.0, start.manifest["step"])
     data, state, checkpointer = _build(cfg, rt, run_dir, start, config)
     engine, global_batch = state.engine, global_batch_size(cfg, rt)
-    logger = MetricsLogger(run_dir, rt.is_main, cfg.train.tensorboard)
+    logger = MetricsLogger(run_dir, rt.is_main, cfg.train.log_with, config, start_step=state.step)
     bar = progress_bar(state.step, cfg.train.iterations, rt.is_main)
     stop, guard = StopRequest(cfg.train.time_limit), BadStepGuard(run_dir, rt.rank, cfg.train.max_bad_steps)
     runner = StepRunner(engine, cfg, rt)
+    monitor = KnnMonitor(cfg, rt.device, rt.is_main)  # train.eval_every: the labelled set, built once
     result = RunResult(rt.is_main, engine.name, run_dir, [], 0.0, 0.0, state.step)
     pending: Optional[_Pending] = None
     wall_start = time.perf_counter()
@@ -181,6 +183,14 @@ def pretrain(cfg: RunConfig) -> RunResult:
                 settle(pending)  # a checkpoint holds every step's consequences
                 pending = None
                 result.checkpoints.append(checkpointer.save(state, data))
+            if monitor.due(state.step):  # every rank: the trunk may be sharded
+                if pending is not None:
+                    settle(pending)  # the loss of this step is logged before its k-NN accuracy
+                    pending = None
+                knn = monitor(engine.method.trunk)
+                if knn is not None:
+                    logger.log(state.step, knn, prefix="eval")
+                    bar.write(f"step {state.step}: k-NN top-1 {knn['knn_top1']:.2f}%, top-5 {knn['knn_top5']:.2f}%")
         if pending is not None:
             settle(pending)
             pending = None

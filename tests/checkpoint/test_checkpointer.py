@@ -19,7 +19,7 @@ from harness.train.loop import pretrain
 from tests.distributed import run_distributed
 
 TINY = [
-    "data.batch_size=2", "data.num_workers=0", "train.tensorboard=false", "schedule.warmup_iters=1",
+    "data.batch_size=2", "data.num_workers=0", "train.log_with=[]", "schedule.warmup_iters=1",
     "data.crops=[{size: 32, count: 2, scale: [0.3, 1.0]}, {size: 16, count: 2, scale: [0.1, 0.3]}]",
     "swav.head_dims=[368, 32, 16]", "swav.num_prototypes=[16]", "swav.freeze_prototypes_iters=0",
     "train.device=cpu",

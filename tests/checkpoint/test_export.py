@@ -33,7 +33,7 @@ from harness.models import build_trunk_from_config
 TINY = ["data.batch_size=4", "data.num_workers=0", "train.iterations=2", "train.device=cpu",
         "data.crops=[{size: 32, count: 2, scale: [0.3, 1.0]}, {size: 16, count: 2, scale: [0.1, 0.3]}]",
         "swav.head_dims=[368, 32, 16]", "swav.num_prototypes=[16]", "schedule.warmup_iters=1",
-        "train.tensorboard=false", "train.run_name=run"]
+        "train.log_with=[]", "train.run_name=run"]
 # regnety_200mf (the quickstart trunk) as pycls/ClassyVision quantize it: `harness models regnety_200mf`
 WIDTHS, DEPTHS, GROUPS = [24, 56, 152, 368], [1, 1, 4, 7], [8, 8, 8, 8]
 

@@ -28,7 +28,7 @@ TINY = [
     "data.batch_size=2", "data.num_workers=1", f"train.iterations={STEPS}",
     "data.crops=[{size: 32, count: 2, scale: [0.3, 1.0]}, {size: 16, count: 2, scale: [0.1, 0.3]}]",
     "swav.head_dims=[368, 32, 16]", "swav.num_prototypes=[16]", "schedule.warmup_iters=2",
-    "swav.freeze_prototypes_iters=1", "train.tensorboard=false", "train.device=cpu",
+    "swav.freeze_prototypes_iters=1", "train.log_with=[]", "train.device=cpu",
 ]
 BACKENDS = {  # world size, overrides, the stop signal (SLURM's warning is SIGUSR1)
     "none": (1, ["parallel.backend=none"], "SIGTERM"),

@@ -64,10 +64,27 @@ def test_sgd_when_lars_disabled():
     cfg = OptimConfig(momentum=0.8, nesterov=True, weight_decay=1e-4,
                       lars=LarsConfig(enabled=False, exclude_bn_bias=True))
     opt = build_optimizer(model, cfg, lr=0.2)
-    assert type(opt) is torch.optim.SGD
     (group,) = opt.param_groups  # exclude_bn_bias is a LARS switch
-    assert len(group["params"]) == 5
+    assert len(group["params"]) == 5 and group["lars_adapt"] is False
     assert (group["lr"], group["momentum"], group["nesterov"], group["weight_decay"]) == (0.2, 0.8, True, 1e-4)
+    # the same steps as torch.optim.SGD (the reference), and a skipped step changes nothing
+    reference = _model()
+    reference.load_state_dict(model.state_dict())
+    sgd = torch.optim.SGD(reference.parameters(), lr=0.2, momentum=0.8, nesterov=True, weight_decay=1e-4)
+    x = torch.randn(8, 3, 6, 6, generator=torch.Generator().manual_seed(0))
+    for step in range(3):
+        for m, o in ((model, opt), (reference, sgd)):
+            o.zero_grad()
+            m(x).square().mean().backward()
+            o.step()
+        for a, b in zip(model.parameters(), reference.parameters()):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.zero_grad()
+    model(x).square().mean().backward()
+    opt.skip = torch.tensor(True)
+    opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters())) and bool(opt.skipped)
 
 
 def test_frozen_params_skipped_and_order_deterministic():

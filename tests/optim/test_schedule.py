@@ -1,4 +1,5 @@
-"""Schedules at hand-computed points, SEER's numbers, plateau halving, config errors."""
+"""Schedules at hand-computed points, SEER's numbers, plateau halving, config errors, and VISSL's
+composite schedule (a warmup fraction, the cosine on the global clock) against fvcore's formulas."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from harness.optim.schedule import (
     build_schedule,
     peak_lr,
     set_lr,
+    warmup_steps,
 )
 
 SEER = dict(base_lr=0.3, base_batch=256, start_lr=0.15, warmup_iters=8000, final_lr_ratio=0.001)
@@ -171,3 +173,64 @@ def test_set_lr_honours_lr_scale():
     opt = torch.optim.SGD([{"params": [a]}, {"params": [b], "lr_scale": 0.1}], lr=1.0)
     set_lr(opt, 2.0)
     assert [g["lr"] for g in opt.param_groups] == pytest.approx([2.0, 0.2])
+
+
+# --------------------------------------------- VISSL's composite schedule
+
+
+def _fvcore_composite(step: int, total: int, start: float, peak: float, final: float, fraction: float) -> float:
+    """fvcore's CompositeParamScheduler([Linear(start, peak), Cosine(peak, final)], [f, 1 - f],
+    interval_scaling=[rescaled, fixed]) at ClassyVision's where = step / total, written out here."""
+    where = step / total
+    if where + 1e-6 <= fraction:  # CompositeParamScheduler: while where + WHERE_EPSILON > running_total
+        w = where / fraction  # rescaled
+        return peak * w + start * (1 - w)  # LinearParamScheduler
+    return final + 0.5 * (peak - final) * (1 + math.cos(math.pi * where))  # fixed: the global where
+
+
+@pytest.mark.parametrize("total, fraction", [(126008, 0.043648), (100, 0.1), (37, 0.3), (50, 0.0)])
+def test_warmup_fraction_and_fixed_cosine_follow_fvcore(total, fraction):
+    cfg = ScheduleConfig(base_lr=0.3, base_batch=256, start_lr=0.15, warmup_fraction=fraction,
+                         interval_scaling="fixed", final_lr_ratio=0.001)
+    s = build_schedule(cfg, 7936, total)
+    peak = 0.3 * 7936 / 256
+    steps = sorted({0, 1, total // 2, total - 1, *range(max(0, round(fraction * total) - 3),
+                                                        min(total, round(fraction * total) + 3))})
+    for k in steps:
+        assert s(k) == pytest.approx(_fvcore_composite(k, total, 0.15, peak, 0.001 * peak, fraction), rel=1e-12), k
+
+
+def test_warmup_steps_counts_the_first_composite_segment():
+    assert warmup_steps(ScheduleConfig(warmup_fraction=0.043648), 126008) == 5500  # 0.043648 x 126008 = 5500.003
+    assert warmup_steps(ScheduleConfig(warmup_fraction=0.1), 100) == 10  # where 0.1 + 1e-6 > 0.1: cosine at 10
+    assert warmup_steps(ScheduleConfig(warmup_fraction=0.0), 100) == 0
+    assert warmup_steps(ScheduleConfig(warmup_iters=7), 100) == 7
+
+
+def test_fixed_cosine_starts_below_the_peak_rescaled_at_it():
+    rescaled = WarmupCosine(0.0, 1.0, 0.0, 10, 100)
+    fixed = WarmupCosine(0.0, 1.0, 0.0, 10, 100, interval_scaling="fixed")
+    assert rescaled(10) == pytest.approx(1.0)
+    assert fixed(10) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.1)))  # 0.9755
+    assert fixed(50) == pytest.approx(0.5) and rescaled(55) == pytest.approx(0.5)
+    assert [fixed(i) for i in range(10)] == [rescaled(i) for i in range(10)]  # same ramp
+
+
+def test_warmup_fraction_in_constant_and_plateau():
+    c = build_schedule(ScheduleConfig(name="constant", base_lr=1.0, base_batch=1, start_lr=0.0,
+                                      warmup_fraction=0.25), 1, 10)
+    assert [c(i) for i in range(4)] == pytest.approx([0.0, 0.4, 0.8, 1.0])  # ramp to step 2.5, cut at 3
+    p = build_schedule(ScheduleConfig(name="plateau", base_lr=1.0, base_batch=1, start_lr=0.0,
+                                      warmup_fraction=0.25), 1, 10)
+    assert p.warmup_iters == 3 and p(2) == pytest.approx(0.8)
+
+
+@pytest.mark.parametrize("overrides, match", [
+    ({"warmup_fraction": 1.0}, r"schedule\.warmup_fraction must be in \[0, 1\)"),
+    ({"warmup_fraction": -0.1}, r"schedule\.warmup_fraction"),
+    ({"warmup_fraction": 0.1, "warmup_iters": 5}, r"schedule\.warmup_iters must be 0 when warmup_fraction"),
+    ({"interval_scaling": "global"}, r"schedule\.interval_scaling must be one of rescaled, fixed"),
+])
+def test_bad_vissl_schedule_config(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        build_schedule(ScheduleConfig(**overrides), 256, 100)

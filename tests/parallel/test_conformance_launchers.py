@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 STEPS = 3
 TINY = [
-    f"train.iterations={STEPS}", "data.batch_size=2", "data.num_workers=0", "train.tensorboard=false",
+    f"train.iterations={STEPS}", "data.batch_size=2", "data.num_workers=0", "train.log_with=[]",
     "data.crops=[{size: 32, count: 2, scale: [0.3, 1.0]}, {size: 16, count: 2, scale: [0.1, 0.3]}]",
     "swav.head_dims=[368, 32, 16]", "swav.num_prototypes=[16]", "schedule.warmup_iters=1",
     "swav.freeze_prototypes_iters=1",

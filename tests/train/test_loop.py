@@ -19,7 +19,7 @@ TINY = [
     "train.iterations=4", "data.batch_size=4", "data.num_workers=0",
     "data.crops=[{size: 32, count: 2, scale: [0.3, 1.0]}, {size: 16, count: 2, scale: [0.1, 0.3]}]",
     "swav.head_dims=[368, 32, 16]", "swav.num_prototypes=[16]", "schedule.warmup_iters=2",
-    "train.tensorboard=true",
+    "train.log_with=[tensorboard]",
 ]
 
 
@@ -78,8 +78,15 @@ def test_frozen_prototypes_only_renormalised(tmp_path):
 def test_low_precision_steps_run_on_cpu(tmp_path, precision):
     opt_in = ["parallel.allow_slow_cpu_fp16=true"] if precision == "fp16" else []  # the scaler's path, on CPU
     result = pretrain(tiny_config(tmp_path, f"parallel.precision={precision}", "train.iterations=2",
-                                  "train.tensorboard=false", *opt_in))
+                                  "train.log_with=[]", *opt_in))
     assert all(torch.isfinite(torch.tensor(result.losses)))
+
+
+def test_plain_sgd_without_lars_trains(tmp_path):
+    """optim.lars.enabled=false: SGD's update through the same gated step (it crashed before: no `skipped`)."""
+    result = pretrain(tiny_config(tmp_path, "optim.lars.enabled=false", "schedule.base_lr=0.05",
+                                  "train.iterations=2", "train.log_with=[]"))
+    assert len(result.losses) == 2 and all(torch.isfinite(torch.tensor(result.losses)))
 
 
 def test_fp16_on_cpu_is_refused_in_one_line_before_any_work(tmp_path):

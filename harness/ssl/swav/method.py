@@ -24,6 +24,7 @@ from harness.models.stages import stage_names, stem_names
 from harness.parallel.spec import Frozen, ParallelSpec, StepHook
 from harness.ssl.swav.head import ProjectionHead, Prototypes
 from harness.ssl.swav.loss import SwAVLoss
+from harness.ssl.swav.single_pass import global_pool, single_pass_features
 
 
 class SwAVOutput(NamedTuple):
@@ -59,6 +60,8 @@ class SwAV(nn.Module):
         self.cfg = cfg
         self.num_crops = int(num_crops)
         self.trunk = trunk
+        if cfg.single_pass_pad:
+            global_pool(trunk)  # refuses a trunk without the pool where the padding is cut, before any step
         self.head = ProjectionHead(cfg.head_dims, cfg.head_batchnorm)
         self.prototypes = Prototypes(cfg.head_dims[-1], cfg.num_prototypes)
         self.criterion = SwAVLoss(cfg, cfg.head_dims[-1], num_crops, group=group)
@@ -104,20 +107,28 @@ class SwAV(nn.Module):
             init=init,
         )
 
-    def forward(self, crops: list[Tensor]) -> SwAVOutput:
-        """One trunk pass per resolution group (2x224 + 4x96 -> 2 passes).
+    def trunk_features(self, crops: list[Tensor]) -> Tensor:
+        """Pooled trunk features of all crops, crop-major [n_crops * B, D].
 
-        Batching a group's crops fills the accelerator better than one pass
-        per crop and, with SyncBN, computes statistics over all of them.
+        One trunk pass per resolution group (2x224 + 4x96 -> 2 passes):
+        batching a group's crops fills the accelerator better than one pass
+        per crop and, with SyncBN, computes statistics over all of them. With
+        ``swav.single_pass_pad``, one pass over all crops, the small ones
+        zero-padded, as SEER-10B ran (harness.ssl.swav.single_pass).
         """
         if len(crops) != self.num_crops:
             raise ValueError(f"expected {self.num_crops} crops, got {len(crops)}")
         batch = crops[0].shape[0]
         if any(c.shape[0] != batch for c in crops):
             raise ValueError("all crops must hold the same number of images")
-        features = [self.trunk(torch.cat(crops[a:b])) for a, b in resolution_groups(crops)]
-        z = self.head(torch.cat(features) if len(features) > 1 else features[0])
-        z = F.normalize(z, dim=1)
+        groups = resolution_groups(crops)
+        if self.cfg.single_pass_pad and len(groups) > 1:
+            return single_pass_features(self.trunk, crops)
+        features = [self.trunk(torch.cat(crops[a:b])) for a, b in groups]
+        return torch.cat(features) if len(features) > 1 else features[0]
+
+    def forward(self, crops: list[Tensor]) -> SwAVOutput:
+        z = F.normalize(self.head(self.trunk_features(crops)), dim=1)
         return SwAVOutput(z, self.prototypes(z))
 
     def loss(self, output: SwAVOutput, batch_size: int, iteration: int) -> Tensor:

@@ -1,0 +1,1 @@
+"""Evaluation of trunks as the paper did it: k-NN, linear probes, low-shot and full fine-tuning."""
