@@ -109,11 +109,11 @@ def evaluate(kind: str, cfg: RunConfig, checkpoint: str, *, random_init: bool = 
         from harness.eval.data import train_transform
         from harness.eval.finetune import finetune
 
-        sets = build_sets(cfg.eval, cfg.data.augment, data_cache, rank == 0)
-        augmented = build_sets(cfg.eval, cfg.data.augment, data_cache, rank == 0, train_transform=train_transform(
+        # one set: the train images augmented, val centre-cropped
+        sets = build_sets(cfg.eval, cfg.data.augment, data_cache, rank == 0, train_transform=train_transform(
             cfg.eval.crop, cfg.data.augment.normalize_mean, cfg.data.augment.normalize_std,
-            scale=tuple(cfg.eval.finetune.crop_scale))).train
-        results = finetune(trunk, sets, augmented, cfg.eval.finetune, crop=cfg.eval.crop, device=device,
+            scale=tuple(cfg.eval.finetune.crop_scale)))
+        results = finetune(trunk, sets, sets.train, cfg.eval.finetune, crop=cfg.eval.crop, device=device,
                            seed=cfg.eval.seed, num_workers=cfg.eval.num_workers, show=show)
     else:
         sets = build_sets(cfg.eval, cfg.data.augment, data_cache, rank == 0)
