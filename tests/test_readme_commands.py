@@ -46,6 +46,7 @@ SKIPS: dict[str, str] = {
         _EVAL_WHY,
     "harness eval finetune runs/my-run --subset 10%": _EVAL_WHY,
     "harness eval knn runs/my-run --random-init": _EVAL_WHY,
+    "harness eval knn runs/my-run eval.builtin=textures eval.crop=32 eval.resize=37": _EVAL_WHY,
     "harness eval knn trunk.safetensors --data /data/imagenet eval.crop=224 eval.resize=256": _EVAL_WHY,
 }
 

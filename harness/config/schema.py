@@ -270,18 +270,24 @@ class FinetuneEvalConfig:
 class EvalConfig:
     """Evaluation of a trunk on a labelled set (`harness eval`, and `train.eval_every`).
 
-    `data: null` uses the built-in labelled scenes (generated once into the
-    output folder); otherwise a folder with `train/` and `val/` in
-    ImageFolder layout (one sub-folder per class). Images are resized to
-    `resize` (shorter side) and centre-cropped to `crop`, VISSL's 256/224."""
+    `data: null` uses the built-in labelled set named by `builtin`
+    (generated once into the output folder): `scenes` (10 object shapes,
+    64 px) or `textures` (8 surface patterns, 32 px); otherwise a folder with
+    `train/` and `val/` in ImageFolder layout (one sub-folder per class).
+    Images are resized to `resize` (shorter side) and centre-cropped to
+    `crop`, VISSL's 256/224."""
 
     data: Optional[str] = None
+    builtin: str = "scenes"  # scenes | textures: the generated set used when data is null
     crop: int = 224
     resize: int = 256
     batch_size: int = 64  # per rank, feature extraction
     num_workers: int = 2
     subset: Optional[str] = None  # low-shot training subset: 1%, 10%, 0.05, 5/class; null: all
     seed: int = 0
+    # knn/linear: BatchNorm running statistics recomputed on the train images first (a random-init trunk's are
+    # 0/1, so its baseline is otherwise handicapped; also for a trunk moved to other data)
+    recompute_bn: bool = False
     knn: KnnEvalConfig = field(default_factory=KnnEvalConfig)
     linear: LinearEvalConfig = field(default_factory=LinearEvalConfig)
     finetune: FinetuneEvalConfig = field(default_factory=FinetuneEvalConfig)

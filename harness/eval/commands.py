@@ -30,8 +30,10 @@ PROBE_TAPS = ("res4", "res5", "pool")
 
 def check_eval_config(e: EvalConfig) -> None:
     """Bad eval settings: one line each, before any checkpoint or image is read."""
+    from harness.eval.data import check_builtin
     from harness.eval.lowshot import parse_subset
 
+    check_builtin(e.builtin)
     if e.knn.k < 1 or e.knn.temperature <= 0:
         raise ConfigError(f"eval.knn: k={e.knn.k}, temperature={e.knn.temperature}: need k >= 1 and temperature > 0")
     bad = [t for t in e.linear.taps if t not in PROBE_TAPS]
@@ -96,6 +98,9 @@ def evaluate(kind: str, cfg: RunConfig, checkpoint: str, *, random_init: bool = 
     if kind not in KINDS:
         raise ConfigError(f"harness eval {kind}: choose one of {', '.join(KINDS)}")
     check_eval_config(cfg.eval)
+    if kind == "finetune" and cfg.eval.recompute_bn:
+        raise ConfigError("eval.recompute_bn=true applies to knn and linear: fine-tuning trains BatchNorm "
+                          "itself, drop it")
     rank, world, device = eval_device(cfg)
     start = time.perf_counter()
     loaded = load_trunk(checkpoint, random_init=random_init, seed=cfg.train.seed, trust_pickle=trust_pickle)
@@ -117,6 +122,13 @@ def evaluate(kind: str, cfg: RunConfig, checkpoint: str, *, random_init: bool = 
                            seed=cfg.eval.seed, num_workers=cfg.eval.num_workers, show=show)
     else:
         sets = build_sets(cfg.eval, cfg.data.augment, data_cache, rank == 0)
+        if cfg.eval.recompute_bn:
+            from harness.eval.features import recompute_batchnorm
+
+            recompute_batchnorm(trunk, sets.train, batch_size=cfg.eval.batch_size,
+                                num_workers=cfg.eval.num_workers, device=device)
+            loaded.source["bn_statistics"] = f"recomputed on {sets.train_dir}"
+            source["bn_statistics"] = loaded.source["bn_statistics"]  # other features: another cache entry
         taps = ("pool",) if kind == "knn" else tuple(dict.fromkeys(cfg.eval.linear.taps))
         train, val = set_features(trunk, sets, cfg, device, taps=taps, cache_dir=out_dir / "features",
                                   source=source, show=show)
@@ -129,7 +141,8 @@ def evaluate(kind: str, cfg: RunConfig, checkpoint: str, *, random_init: bool = 
         return None
     record = {"kind": kind, "results": results, "checkpoint": loaded.source, "random_init": random_init,
               "data": sets.describe,
-              "command": shlex.join(["harness", *(sys.argv[1:] if argv is None else argv)]), "config": to_dict(cfg), "world_size": world, "device": str(device),
+              "command": shlex.join(["harness", *(sys.argv[1:] if argv is None else argv)]), "config": to_dict(cfg),
+              "world_size": world, "device": str(device),
               "seconds": time.perf_counter() - start, "finished": datetime.now(timezone.utc).isoformat()}
     record["path"] = str(write_result(out_dir, kind, record))
     return record
@@ -138,7 +151,8 @@ def evaluate(kind: str, cfg: RunConfig, checkpoint: str, *, random_init: bool = 
 def summary(record: dict[str, Any]) -> str:
     """One line per number a person looks for."""
     kind, r, data = record["kind"], record["results"], record["data"]
-    what = f"{record['checkpoint']['arch']} ({record['checkpoint']['kind']})"
+    bn = ", BatchNorm statistics recomputed" if "bn_statistics" in record["checkpoint"] else ""
+    what = f"{record['checkpoint']['arch']} ({record['checkpoint']['kind']}{bn})"
     sizes = f"{data['train_images']} train / {data['val_images']} val images, {data['classes']} classes"
     if kind == "knn":
         k = record["config"]["eval"]["knn"]
@@ -176,7 +190,7 @@ def add_eval_commands(subparsers: Any) -> None:
     from harness.cli import DEFAULT_PRESET
 
     ev = subparsers.add_parser("eval", help="k-NN, linear probe or fine-tuning of a trunk on a labelled set "
-                               "(built-in scenes, or an ImageFolder with train/ and val/)")
+                               "(built-in scenes or textures, or an ImageFolder with train/ and val/)")
     esub = ev.add_subparsers(dest="eval_kind", required=True)
     helps = {"knn": "weighted k-NN on pooled features (eval.knn.k, eval.knn.temperature)",
              "linear": "BN + linear heads on frozen, cached features of eval.linear.taps (res4, res5, pool)",
@@ -188,7 +202,7 @@ def add_eval_commands(subparsers: Any) -> None:
         p.add_argument("--config", "-c", default=DEFAULT_PRESET, help="preset or YAML whose eval.* and "
                        f"data.augment normalisation apply (default: {DEFAULT_PRESET})")
         p.add_argument("--data", help="labelled folder with train/ and val/ (ImageFolder layout); default: the "
-                       "built-in scenes")
+                       "built-in set eval.builtin (scenes, or textures)")
         p.add_argument("--subset", help="low-shot training subset: 1%%, 10%%, 0.05 or 5/class (balanced, seeded "
                        "by eval.seed)")
         p.add_argument("--random-init", action="store_true", help="the same trunk at its initialisation "

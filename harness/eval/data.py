@@ -4,8 +4,9 @@ Labelled data is an ImageFolder tree (`<folder>/train/<class>/*`,
 `<folder>/val/<class>/*`), the layout ImageNet, Places205 and most
 classification sets are shipped or converted to, read with
 `torchvision.datasets.ImageFolder` (classes are the sorted folder names,
-`dataset.targets` the labels). Without a folder, the built-in generated
-scenes (`harness.eval.scenes`) are used, so evaluation runs out of the box.
+`dataset.targets` the labels). Without a folder, a built-in generated set
+is used (`harness.eval.scenes`, the default, or `harness.eval.textures`), so
+evaluation runs out of the box.
 
 Transforms are torchvision.transforms.v2 and follow SwAV's eval scripts
 (facebookresearch/swav eval_linear.py / eval_semisup.py), which VISSL and the
@@ -28,25 +29,37 @@ from torchvision import datasets
 from torchvision.transforms import v2
 
 from harness.config.loader import ConfigError
-from harness.eval.scenes import FORMAT_VERSION, write_scenes
+from harness.eval import scenes, textures
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 LAYOUT = "<folder>/train/<class>/<image> and <folder>/val/<class>/<image> (ImageFolder layout)"
 
 
-def scenes_dir(cache_dir: str | Path) -> Path:
-    """Where the built-in scenes live under a cache folder (versioned: a new format never meets an old tree)."""
-    return Path(cache_dir) / f"scenes-v{FORMAT_VERSION}"
+BUILTIN_SETS = {"scenes": scenes, "textures": textures}  # the built-in labelled sets, by `eval.builtin`
 
 
-def resolve_labelled(path: str | Path | None, cache_dir: str | Path) -> tuple[Path, Path]:
-    """(train_dir, val_dir) of a labelled set: `path`'s train/ and val/, or the built-in scenes when `path` is None.
+def check_builtin(name: str) -> None:
+    if name not in BUILTIN_SETS:
+        raise ConfigError(f"eval.builtin={name!r} is not a built-in labelled set: choose from "
+                          f"{', '.join(BUILTIN_SETS)} (or set eval.data to a folder)")
+
+
+def builtin_dir(cache_dir: str | Path, name: str = "scenes") -> Path:
+    """Where a built-in set lives under a cache folder (versioned: a new format never meets an old tree)."""
+    check_builtin(name)
+    return Path(cache_dir) / f"{name}-v{BUILTIN_SETS[name].FORMAT_VERSION}"
+
+
+def resolve_labelled(path: str | Path | None, cache_dir: str | Path, builtin: str = "scenes") -> tuple[Path, Path]:
+    """(train_dir, val_dir) of a labelled set: `path`'s train/ and val/, or the built-in set `builtin` when
+    `path` is None.
 
     Checked here, before any model is built, so a wrong path fails in one line.
     """
     if path is None:
-        root = write_scenes(scenes_dir(cache_dir))
+        write = scenes.write_scenes if builtin == "scenes" else textures.write_textures
+        root = write(builtin_dir(cache_dir, builtin))  # the set's default size and counts
         return root / "train", root / "val"
     root = Path(path).expanduser()
     if not root.is_dir():

@@ -122,6 +122,43 @@ def extract(trunk: nn.Module, dataset: Dataset, labels: Sequence[int], *, taps: 
                     channels=channels)
 
 
+@torch.no_grad()
+def recompute_batchnorm(trunk: nn.Module, dataset: Dataset, *, batch_size: int = 64, num_workers: int = 0,
+                        device: torch.device = torch.device("cpu")) -> int:
+    """Replace every BatchNorm's running statistics by their average over one pass of `dataset`; return the
+    number of BatchNorm layers.
+
+    Why: a randomly initialised trunk carries mean 0 / variance 1, which its
+    activations do not have, so in eval mode its features are scaled
+    arbitrarily layer after layer; a sceptic's random baseline deserves the
+    statistics of the data, as the pretrained trunk has. Cumulative averages
+    (momentum None) over fixed batches, so the result does not depend on
+    an update order; an incomplete last batch is left out when there is more
+    than one (equal batches weigh equally, and a batch of one image cannot
+    be normalised at a 1x1 stage). Every rank passes the whole set (the same
+    statistics on every rank, no collective); meant for unsharded trunks
+    (`harness eval`), never the live model of a run."""
+    norms = [m for m in trunk.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    was_training = trunk.training
+    trunk.train()
+    first = next(trunk.parameters(), None)
+    dtype = first.dtype if first is not None and first.is_floating_point() else torch.float32
+    try:
+        loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, shuffle=False,
+                            drop_last=len(dataset) > batch_size)  # type: ignore[arg-type]
+        for images, _ in loader:
+            trunk(images.to(device, dtype, non_blocking=True))
+    finally:
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
+        trunk.train(was_training)
+    return len(norms)
+
+
 def cache_key(parts: dict[str, Any]) -> str:
     """A short hash of everything the features depend on (JSON, sorted keys)."""
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]

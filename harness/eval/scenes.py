@@ -15,40 +15,34 @@ shape stays plain to a person at 64 px: the object is large (26-50 px
 across), anti-aliased and stands out from the background around it, and
 its silhouette alone names the class (tests/eval/test_scenes.py). So a
 trunk beats raw pixels here only if its features encode shape while
-ignoring colour and place - what SSL pretraining is meant to teach.
+ignoring colour and place - what SSL pretraining is meant to teach, and
+slow to learn from scratch: minutes of CPU pretraining show no gain here,
+while they do on the built-in textures (`harness.eval.textures`,
+profiling/eval_gain.py).
 
-The tree is an ImageFolder (`root/train/<class>/00000.png`, `root/val/...`),
-written once and reused: a small JSON stamp, written last, records the
-parameters and FORMAT_VERSION. Every image has its own seed stream
-(`numpy.random.SeedSequence((seed, split, class, index))`), so images do not
-depend on the set's size, train and val never share a stream, and classes
-are exactly balanced. numpy + PIL's ImageDraw (polygons drawn 4x larger and
+The tree is an ImageFolder written once, stamped and reused
+(`harness.eval.generated`). numpy + PIL's ImageDraw (polygons drawn 4x larger and
 box-filtered down: anti-aliasing for free) write the default 1,500 images in
 about 3 s (under 1 ms to draw one).
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import shutil
-import tempfile
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from harness.config.loader import ConfigError
+from harness.eval.generated import STAMP_NAME, image_rng, write_set
 
 # Sorted, so that the index ImageFolder gives a class (sorted folder names) is its index here.
 SCENE_CLASSES: tuple[str, ...] = (
     "arrow", "crescent", "cross", "disc", "ellipse", "heart", "ring", "square", "star", "triangle",
 )
 FORMAT_VERSION = 1  # bump whenever the images change: stamped trees of another version are rewritten
-STAMP_NAME = "scenes.json"
-SPLITS: dict[str, int] = {"train": 0, "val": 1}  # the split's word in every image's seed
+__all__ = ["FORMAT_VERSION", "SCENE_CLASSES", "STAMP_NAME", "render_scene", "scene_rng", "write_scenes"]
 _SUPERSAMPLE = 4  # shapes are drawn at 4x and box-filtered: anti-aliased edges
 
 
@@ -98,9 +92,7 @@ def _shapes() -> dict[str, list[tuple[np.ndarray, int]]]:
 _SHAPES = _shapes()
 
 
-def scene_rng(seed: int, split: str, class_index: int, index: int) -> np.random.Generator:
-    """The generator of one image: its own stream, whatever the set's size."""
-    return np.random.default_rng(np.random.SeedSequence((seed, SPLITS[split], class_index, index)))
+scene_rng = image_rng  # one image's own seed stream
 
 
 def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -217,86 +209,10 @@ def render_scene(class_index: int, rng: np.random.Generator, size: int = 64) -> 
     return (np.clip(image, 0, 1) * 255 + 0.5).astype(np.uint8), alpha
 
 
-def _stamp(per_class_train: int, per_class_val: int, size: int, seed: int) -> dict[str, Any]:
-    return {"format": FORMAT_VERSION, "classes": list(SCENE_CLASSES), "per_class_train": per_class_train,
-            "per_class_val": per_class_val, "size": size, "seed": seed}
-
-
-def _read_stamp(root: Path) -> Any:
-    try:
-        return json.loads((root / STAMP_NAME).read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def _refuse_foreign(root: Path) -> None:
-    """Never delete something that is not a scenes tree (a user's own data under a mistaken path)."""
-    if not root.exists():
-        return
-    if not root.is_dir():
-        raise ConfigError(f"{root} is a file, not a folder for the generated scenes: remove it or pick another path")
-    foreign = [p.name for p in root.iterdir() if p.name not in (*SPLITS, STAMP_NAME)]
-    for split in SPLITS:
-        if (root / split).is_dir():
-            foreign += [f"{split}/{p.name}" for p in (root / split).iterdir() if p.name not in SCENE_CLASSES]
-    if foreign:
-        raise ConfigError(f"{root} holds files that are not generated scenes ({', '.join(sorted(foreign)[:3])}); "
-                          "the scenes would replace them: remove them or pick another folder")
-
-
-def _install(tmp: Path, root: Path, stamp: dict[str, Any]) -> None:
-    """Move the finished tree `tmp` to `root` atomically, replacing a stale tree; safe when ranks race."""
-    if root.exists():
-        if _read_stamp(root) == stamp:  # another process finished first
-            shutil.rmtree(tmp, ignore_errors=True)
-            return
-        trash = tmp.with_name(tmp.name + ".old")
-        try:
-            os.rename(root, trash)  # atomic: of several racing processes, exactly one moves it
-        except FileNotFoundError:
-            pass
-        else:
-            shutil.rmtree(trash, ignore_errors=True)
-    try:
-        os.rename(tmp, root)
-    except OSError:
-        if _read_stamp(root) != stamp:
-            raise
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def write_scenes(root: str | os.PathLike[str], *, per_class_train: int = 100, per_class_val: int = 50,
                  size: int = 64, seed: int = 0) -> Path:
-    """Write (or reuse) the ImageFolder tree `root/{train,val}/<class>/NNNNN.png`; return `root`.
-
-    A tree whose stamp matches these parameters is reused as is. Otherwise the
-    set is written into a fresh temporary folder next to `root`, stamped last
-    and renamed into place, so an interrupted run never leaves a half tree
-    that looks finished (a hard kill may leave a hidden `.<name>.*.tmp`
-    folder beside it, which nothing reads).
-    """
-    for name, value, low in (("per_class_train", per_class_train, 1), ("per_class_val", per_class_val, 1),
-                             ("size", size, 16), ("seed", seed, 0)):
-        if not isinstance(value, int) or value < low:
-            raise ConfigError(f"scenes {name} must be an integer >= {low}, got {value!r}")
-    root = Path(root)
-    stamp = _stamp(per_class_train, per_class_val, size, seed)
-    if _read_stamp(root) == stamp:
-        return root
-    _refuse_foreign(root)
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", suffix=".tmp", dir=root.parent))
-    try:
-        for split, count in (("train", per_class_train), ("val", per_class_val)):
-            for class_index, name in enumerate(SCENE_CLASSES):
-                folder = tmp / split / name
-                folder.mkdir(parents=True)
-                for index in range(count):
-                    image, _ = render_scene(class_index, scene_rng(seed, split, class_index, index), size)
-                    Image.fromarray(image).save(folder / f"{index:05d}.png", compress_level=1)
-        (tmp / STAMP_NAME).write_text(json.dumps(stamp, indent=1) + "\n")
-        _install(tmp, root, stamp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return root
+    """Write (or reuse) the ImageFolder tree `root/{train,val}/<class>/NNNNN.png`; return `root`
+    (atomically, stamped: `harness.eval.generated.write_set`)."""
+    return write_set(root, lambda c, rng, px: render_scene(c, rng, px)[0], what="scenes", classes=SCENE_CLASSES,
+                     stamp={"format": FORMAT_VERSION}, per_class_train=per_class_train,
+                     per_class_val=per_class_val, size=size, seed=seed)

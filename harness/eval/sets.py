@@ -37,14 +37,14 @@ def _barrier() -> None:
 
 
 def resolve_folders(cfg: EvalConfig, cache_dir: Path, is_main: bool) -> tuple[Path, Path]:
-    """(train, val) folders; the built-in scenes are written by the main rank while the others wait."""
+    """(train, val) folders; a built-in set is written by the main rank while the others wait."""
     from harness.eval.data import resolve_labelled
 
     if is_main:
-        folders = resolve_labelled(cfg.data, cache_dir)
+        folders = resolve_labelled(cfg.data, cache_dir, cfg.builtin)
     _barrier()
     if not is_main:
-        folders = resolve_labelled(cfg.data, cache_dir)  # the tree exists now: only checked
+        folders = resolve_labelled(cfg.data, cache_dir, cfg.builtin)  # the tree exists now: only checked
     return folders
 
 
@@ -75,6 +75,6 @@ def build_sets(cfg: EvalConfig, normalize: AugmentConfig, cache_dir: Path, is_ma
     describe = {"train": str(train_dir), "val": str(val_dir), "classes": len(val.classes),
                 "train_images": len(train_labels), "val_images": len(val.targets), "crop": cfg.crop,
                 "resize": cfg.resize, "subset": cfg.subset, "subset_seed": cfg.seed if cfg.subset else None,
-                "builtin": cfg.data is None}
+                "builtin": cfg.builtin if cfg.data is None else None}  # the generated set used, if any
     return LabelledSets(train, val, train_labels, list(val.targets), list(val.classes), describe,
                         train_dir, val_dir, indices)

@@ -105,6 +105,23 @@ def test_random_init_is_the_trunk_a_run_starts_from(run):
     assert record["random_init"] and Path(record["path"]).name.startswith("knn-random-")
 
 
+def test_random_init_with_recomputed_batchnorm_is_recorded_and_cached_apart(run, capsys):
+    plain = evaluate(run, "knn", run["run"], "--random-init")
+    capsys.readouterr()
+    recomputed = evaluate(run, "knn", run["run"], "--random-init", "eval.recompute_bn=true")
+    assert "(random-init, BatchNorm statistics recomputed)" in capsys.readouterr().out
+    assert recomputed["checkpoint"]["bn_statistics"] == f"recomputed on {run['scenes'] / 'train'}"
+    assert "bn_statistics" not in plain["checkpoint"] and not recomputed["results"]["features_cached"]
+    folder = Path(recomputed["path"]).parent / "features"
+    sources = [torch.load(p, weights_only=True)["key"]["source"] for p in folder.glob("features-*.pt")]
+    random = [src for src in sources if src["kind"] == "random-init"]
+    assert len(random) == 4  # train and val, with and without the recomputed statistics: four cache entries
+    assert sum("bn_statistics" in src for src in random) == 2
+    again = evaluate(run, "knn", run["run"], "--random-init", "eval.recompute_bn=true")
+    assert again["results"]["features_cached"] and again["results"] == recomputed["results"] | {
+        "features_cached": True}
+
+
 def test_linear_probe_sweeps_weight_decays_on_cached_features(run, capsys):
     extra = ["eval.linear.epochs=3", "eval.linear.batch_size=16", "eval.linear.taps=[res4,pool]",
              "eval.linear.weight_decays=[1e-4,1e-2]"]
@@ -133,6 +150,8 @@ def test_finetune_on_a_low_shot_subset(run):
     (["eval", "linear", "/no/such/run", "eval.linear.taps=[res9]"], "eval.linear.taps"),
     (["eval", "finetune", "/no/such/run", "--subset", "lots"], "lots"),
     (["eval", "knn", "/no/such/run", "eval.knn.k=0"], "eval.knn"),
+    (["eval", "finetune", "/no/such/run", "eval.recompute_bn=true"], "eval.recompute_bn=true applies to knn and"),
+    (["eval", "knn", "/no/such/run", "eval.builtin=photos"], "eval.builtin='photos' is not a built-in labelled set"),
 ])
 def test_bad_input_is_one_line(argv, expected, capsys):
     assert main(argv) == 2

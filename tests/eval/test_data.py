@@ -16,6 +16,8 @@ from harness.eval.data import (
     IMAGENET_MEAN, IMAGENET_STD, EvalTransforms, check_same_classes, default_sizes, eval_transform,
     labelled_dataset, resolve_labelled, train_transform,
 )
+from harness.eval import scenes as scenes_module
+from harness.eval import textures
 from harness.eval.scenes import FORMAT_VERSION, SCENE_CLASSES, write_scenes
 
 
@@ -41,11 +43,19 @@ def test_builtin_scenes_under_the_cache(tmp_path: Path, monkeypatch: pytest.Monk
         calls.append(root)
         return write_scenes(root, per_class_train=1, per_class_val=1, size=32)
 
-    monkeypatch.setattr(data, "write_scenes", small)
+    monkeypatch.setattr(scenes_module, "write_scenes", small)
     train, val = resolve_labelled(None, tmp_path / "cache")
     assert calls == [tmp_path / "cache" / f"scenes-v{FORMAT_VERSION}"]
     assert (train, val) == (calls[0] / "train", calls[0] / "val")
     assert sorted(p.name for p in train.iterdir()) == list(SCENE_CLASSES)
+
+    train, val = resolve_labelled(None, tmp_path / "cache", "textures")  # the default 1,800 textures: ~1 s
+    assert train == tmp_path / "cache" / f"textures-v{textures.FORMAT_VERSION}" / "train"
+    assert sorted(p.name for p in val.iterdir()) == list(textures.TEXTURE_CLASSES)
+    assert [len(list((train / c).iterdir())) for c in textures.TEXTURE_CLASSES] == [125] * 8
+    with pytest.raises(ConfigError, match=r"eval.builtin='photos' is not a built-in labelled set: choose from "
+                                          r"scenes, textures \(or set eval.data to a folder\)"):
+        resolve_labelled(None, tmp_path / "cache", "photos")
 
 
 def test_folder_paths_resolved_or_refused(tmp_path: Path) -> None:

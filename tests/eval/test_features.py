@@ -96,3 +96,27 @@ def test_cache_answers_the_same_key_and_misses_a_changed_one(tmp_path):
     other = cached_extract(tmp_path, {**key, "source": {"path": "x", "step": 2}}, trunk, data, labels,
                            taps=("pool",), batch_size=8, show=False)
     assert not other.cached and len(list(tmp_path.glob("features-*.pt"))) == 2
+
+
+def test_recomputed_batchnorm_statistics_are_the_data_s() -> None:
+    """The stem's BatchNorm ends with the average of its input's per-batch mean and (unbiased) variance over
+    the full batches (13 images in batches of 4: the lone 13th is left out), computed here by hand from the
+    stem convolution; every BatchNorm's momentum and the trunk's mode come back, and the features change."""
+    from harness.eval.features import recompute_batchnorm
+
+    data = TensorDataset(torch.randn(13, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(5)) * 2 + 1,
+                         torch.zeros(13, dtype=torch.long))
+    trunk = _trunk()
+    before = _reference(trunk, data)["pool"]
+    norms = [m for m in trunk.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    norms[1].momentum = 0.3  # a non-default momentum must survive
+    assert recompute_batchnorm(trunk, data, batch_size=4) == len(norms)
+    assert not trunk.training and norms[0].momentum == 0.1 and norms[1].momentum == 0.3
+    with torch.no_grad():
+        stem = [trunk.stem[0](data.tensors[0][i:i + 4]) for i in range(0, 12, 4)]
+    mean = torch.stack([x.mean((0, 2, 3)) for x in stem]).mean(0)
+    var = torch.stack([x.transpose(0, 1).flatten(1).var(1, unbiased=True) for x in stem]).mean(0)
+    torch.testing.assert_close(norms[0].running_mean, mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(norms[0].running_var, var, rtol=1e-5, atol=1e-6)
+    assert int(norms[0].num_batches_tracked) == 3
+    assert not torch.allclose(_reference(trunk, data)["pool"], before)
