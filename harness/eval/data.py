@@ -58,8 +58,8 @@ def resolve_labelled(path: str | Path | None, cache_dir: str | Path, builtin: st
     Checked here, before any model is built, so a wrong path fails in one line.
     """
     if path is None:
-        write = scenes.write_scenes if builtin == "scenes" else textures.write_textures
-        root = write(builtin_dir(cache_dir, builtin))  # the set's default size and counts
+        root = builtin_dir(cache_dir, builtin)  # checks the name
+        root = getattr(BUILTIN_SETS[builtin], f"write_{builtin}")(root)  # the set's default size and counts
         return root / "train", root / "val"
     root = Path(path).expanduser()
     if not root.is_dir():

@@ -149,7 +149,7 @@ def recompute_batchnorm(trunk: nn.Module, dataset: Dataset, *, batch_size: int =
     dtype = first.dtype if first is not None and first.is_floating_point() else torch.float32
     try:
         loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, shuffle=False,
-                            drop_last=len(dataset) > batch_size)  # type: ignore[arg-type]
+                            drop_last=len(dataset) > batch_size)
         for images, _ in loader:
             trunk(images.to(device, dtype, non_blocking=True))
     finally:

@@ -25,7 +25,7 @@ from PIL import Image
 
 from harness.config.loader import ConfigError
 
-STAMP_NAME = "scenes.json"
+STAMP_NAME = "scenes.json"  # the scenes' name from before there were other sets: their trees stay valid
 SPLITS: dict[str, int] = {"train": 0, "val": 1}  # the split's word in every image's seed
 
 # (class index, generator, size) -> HxWx3 uint8 image

@@ -9,8 +9,9 @@ SwAV's swapped prediction is built on. What is NOT shared, by design, is
 colour: the two colours of every pattern are smooth random colour fields
 (bicubic from a 3x3 grid), complementary at each pixel, so an image's mean
 colour is grey whatever its class, and two crops of one image see different
-hues. A nearest neighbour on raw pixels or on colour is at chance (12.5%),
-and so is the colour-matching shortcut that sends SwAV to colour pairs on
+hues. A nearest neighbour on raw pixels or on the hue of the mean colour
+is near chance (20% and 8%, chance 12.5%: tests/eval/test_textures.py), and
+so is the colour-matching shortcut that sends SwAV to colour pairs on
 flat-coloured data. Period (4-9 px at 32 px), orientation and phase are
 random too; the class is only the pattern's kind:
 

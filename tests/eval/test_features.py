@@ -11,6 +11,7 @@ exercises through the padding.
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch.utils.data import TensorDataset
 
@@ -82,6 +83,28 @@ def test_two_gloo_ranks_give_the_one_rank_features_plain_and_fsdp2_sharded():
         torch.testing.assert_close(out["sharded"], ref["pool"], rtol=1e-5, atol=1e-5)
         assert out["labels"].tolist() == data.tensors[1].tolist()
         assert out["local_fraction"] < 0.75  # the trunk really was sharded on rank {rank}
+
+
+def _recompute_on_each_rank(rank: int, world: int) -> dict:
+    from harness.eval.features import recompute_batchnorm
+
+    trunk = _trunk()
+    recompute_batchnorm(trunk, _images(), batch_size=4)
+    return {k: v for k, v in trunk.state_dict().items() if "running" in k}
+
+
+@pytest.mark.usefixtures("one_thread")  # the ranks' thread count: the same fp32 sums
+def test_recomputed_batchnorm_is_the_same_on_two_gloo_ranks_as_in_one_process():
+    """No collective: every rank passes the whole set, so every rank ends with the one-process statistics."""
+    from harness.eval.features import recompute_batchnorm
+
+    single = _trunk()
+    recompute_batchnorm(single, _images(), batch_size=4)
+    reference = {k: v for k, v in single.state_dict().items() if "running" in k}
+    ranks = run_distributed(_recompute_on_each_rank, 2)
+    for key, value in reference.items():
+        assert torch.equal(ranks[0][key], ranks[1][key]), key  # the ranks agree exactly
+        torch.testing.assert_close(ranks[0][key], value, rtol=1e-6, atol=1e-7, msg=lambda m, k=key: f"{k}: {m}")
 
 
 def test_cache_answers_the_same_key_and_misses_a_changed_one(tmp_path):
